@@ -1,0 +1,3 @@
+from fedslim.cli import main
+
+raise SystemExit(main())

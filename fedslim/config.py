@@ -1,0 +1,324 @@
+"""Run configuration: YAML + ``--set`` overrides, validated by pydantic.
+
+Every error becomes a :class:`ConfigError` with one line naming the field, what is allowed and, for an
+unknown key, the closest valid name. The CLI prints it and exits 2.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A one-line, user-facing configuration error."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class PartitionConfig(Strict):
+    kind: Literal["iid", "dirichlet", "pathological", "quantity"] = "iid"
+    alpha: float = Field(0.5, gt=0, description="Dirichlet concentration (dirichlet, quantity)")
+    classes_per_client: int = Field(2, ge=1, description="labels per client (pathological)")
+    min_size: int = Field(10, ge=0, description="minimum samples per client (dirichlet, quantity)")
+    max_tries: int = Field(100, ge=1, description="Dirichlet redraws before falling back to top-up")
+
+
+class DataConfig(Strict):
+    dataset: str = "digits"
+    root: str | None = Field(None, description="data folder; default: --data-dir, $FEDSLIM_DATA, ./data")
+    num_clients: int = Field(10, ge=1)
+    partition: PartitionConfig = PartitionConfig()
+    local_test_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="per-client held-out share")
+    train_subset: int | None = Field(None, ge=1, description="use only the first N training samples")
+    test_subset: int | None = Field(None, ge=1, description="use only the first N test samples")
+    options: dict[str, Any] = Field(default_factory=dict, description="dataset-specific options")
+
+
+class ModelConfig(Strict):
+    name: str = "lenet5"
+    width: float = Field(1.0, gt=0, le=16)
+    options: dict[str, Any] = Field(default_factory=dict, description="model-specific options")
+
+
+class OptimizerConfig(Strict):
+    name: Literal["sgd", "adam"] = "sgd"
+    lr: float = Field(0.01, gt=0)
+    momentum: float = Field(0.0, ge=0, lt=1)
+    nesterov: bool = False
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+
+
+class ScheduleConfig(Strict):
+    """Per-round learning-rate schedule applied to the client lr."""
+
+    kind: Literal["constant", "exponential", "step", "multistep", "cosine"] = "constant"
+    gamma: float = Field(1.0, gt=0, le=1, description="decay factor (exponential, step, multistep)")
+    step_size: int = Field(1, ge=1, description="rounds between decays (step)")
+    milestones: list[int] = Field(default_factory=list, description="rounds at which to decay (multistep)")
+    min_lr: float = Field(0.0, ge=0, description="floor for cosine")
+
+
+class TrainConfig(Strict):
+    """Local training on each client."""
+
+    epochs: int = Field(1, ge=1)
+    batch_size: int = Field(32, ge=1)
+    max_steps: int | None = Field(None, ge=1, description="cap on local steps per round")
+    optimizer: OptimizerConfig = OptimizerConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    grad_clip: float | None = Field(None, gt=0, description="max global grad norm")
+
+
+class ServerOptimizerConfig(Strict):
+    name: Literal["none", "sgd", "adam"] = "none"
+    lr: float = Field(1.0, gt=0)
+    momentum: float = Field(0.0, ge=0, lt=1)
+    betas: tuple[float, float] = (0.9, 0.99)
+    eps: float = Field(1e-3, gt=0)
+
+
+class FederationConfig(Strict):
+    rounds: int = Field(10, ge=1)
+    participation: float = Field(1.0, gt=0, le=1, description="share of clients sampled each round")
+    weighted: bool = Field(True, description="weight client updates by their sample counts")
+    server_optimizer: ServerOptimizerConfig = ServerOptimizerConfig()
+
+
+class AlgorithmConfig(Strict):
+    name: str = "fedavg"
+    params: dict[str, Any] = Field(default_factory=dict, description="validated by the algorithm itself")
+
+
+class CodecStage(BaseModel):
+    """One codec stage; its own fields are validated by the codec registry."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str
+
+
+class CodecConfig(Strict):
+    down: list[CodecStage] = Field(default_factory=list, description="downlink pipeline (server->client)")
+    up: list[CodecStage] = Field(default_factory=list, description="uplink pipeline (client->server)")
+    targets: Literal["weights", "weights_and_biases", "all_float"] = "weights"
+
+
+class DeviceTier(Strict):
+    name: str
+    share: float = Field(1.0, gt=0, description="relative share of the population")
+    width: float = Field(1.0, gt=0, le=1, description="width rate of this tier's model")
+    capable: bool = Field(True, description="trains (HybridCompFL: only capable devices train)")
+    model_bytes: int | None = Field(None, ge=1, description="largest model this tier can hold")
+    memory_mb: float | None = Field(None, gt=0)
+    macs_per_s: float = Field(1e9, gt=0, description="compute speed for simulated time")
+    up_mbps: float = Field(10.0, gt=0)
+    down_mbps: float = Field(50.0, gt=0)
+
+
+class DevicesConfig(Strict):
+    tiers: list[DeviceTier] = Field(default_factory=lambda: [DeviceTier(name="a")])
+    assignment: Literal["fixed", "dynamic", "random"] = Field(
+        "fixed", description="fixed: by client index; random: seeded once; dynamic: re-drawn each round"
+    )
+
+
+class EvalConfig(Strict):
+    every: int = Field(1, ge=1, description="evaluate every k rounds (and always at the last)")
+    batch_size: int = Field(1000, ge=1)
+    local: bool = Field(False, description="also evaluate on each client's local test split")
+    topk: int = Field(5, ge=1)
+
+
+class EngineConfig(Strict):
+    backend: str = Field("serial", description="serial | vectorized | ray")
+    device: Literal["cpu", "cuda", "auto"] = "cpu"
+    threads: int | None = Field(None, ge=1, description="torch intra-op threads")
+    ray_address: str | None = None
+    ray_workers: int | None = Field(None, ge=1)
+    checkpoint_every: int = Field(1, ge=1)
+    progress: bool = True
+
+
+class RunConfig(Strict):
+    name: str = "run"
+    seed: int = Field(0, ge=0)
+    output_dir: str = "runs"
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    federation: FederationConfig = FederationConfig()
+    algorithm: AlgorithmConfig = AlgorithmConfig()
+    codec: CodecConfig = CodecConfig()
+    devices: DevicesConfig = DevicesConfig()
+    eval: EvalConfig = EvalConfig()
+    engine: EngineConfig = EngineConfig()
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v: str) -> str:
+        if not v or any(c in v for c in "/\\\0") or v in {".", ".."}:
+            raise ValueError("must be a plain folder name (no '/', not '.' or '..')")
+        return v
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> RunConfig:
+        if self.data.partition.kind == "pathological" and self.data.partition.classes_per_client < 1:
+            raise ValueError("data.partition.classes_per_client must be >= 1")
+        return self
+
+
+# ---------------------------------------------------------------------------------------------
+# loading, overrides, errors
+
+
+def _model_fields(model: type[BaseModel], path: list[str | int]) -> list[str]:
+    """Valid keys at ``path`` inside ``model`` (for 'did you mean')."""
+    cur: Any = model
+    for part in path:
+        if isinstance(part, int) or not (isinstance(cur, type) and issubclass(cur, BaseModel)):
+            return []
+        f = cur.model_fields.get(part)
+        if f is None:
+            return []
+        ann = f.annotation
+        cur = ann if isinstance(ann, type) else getattr(ann, "__args__", [None])[0]
+    if isinstance(cur, type) and issubclass(cur, BaseModel):
+        return list(cur.model_fields)
+    return []
+
+
+def format_validation_error(err: ValidationError, root: type[BaseModel] = RunConfig, prefix: str = "") -> str:
+    e = err.errors()[0]
+    loc = [p for p in e["loc"] if not (isinstance(p, str) and p.startswith("function-"))]
+    field = prefix + ".".join(str(p) for p in loc)
+    if e["type"] == "extra_forbidden":
+        valid = _model_fields(root, list(loc[:-1]))
+        close = difflib.get_close_matches(str(loc[-1]), valid, n=1)
+        hint = f" (did you mean '{'.'.join([*map(str, loc[:-1]), close[0]])}'?)" if close else ""
+        allowed = f"; valid keys here: {', '.join(valid)}" if valid else ""
+        return f"{field}: unknown key{hint}{allowed}"
+    msg = e["msg"]
+    if e["type"] == "literal_error":
+        msg = msg.replace("Input should be", "must be one of")
+    got = e.get("input")
+    shown = "" if isinstance(got, dict | list) or got is None else f" (got {got!r})"
+    more = f" [+{len(err.errors()) - 1} more]" if len(err.errors()) > 1 else ""
+    return f"{field or '<root>'}: {msg}{shown}{more}"
+
+
+def parse_value(text: str) -> Any:
+    """``--set`` values are YAML scalars/lists: 0.5, true, [1, 2], null, 'text'."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_override(raw: dict[str, Any], assignment: str) -> None:
+    if "=" not in assignment:
+        raise ConfigError(f"--set {assignment!r}: expected key.sub=value")
+    key, value = assignment.split("=", 1)
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise ConfigError(f"--set {assignment!r}: empty key")
+    cur: Any = raw
+    for p in parts[:-1]:
+        if isinstance(cur, list):
+            try:
+                cur = cur[int(p)]
+            except (ValueError, IndexError):
+                raise ConfigError(f"--set {key}: '{p}' is not a valid list index") from None
+            continue
+        nxt = cur.get(p)
+        if nxt is None:
+            nxt = cur[p] = {}
+        if not isinstance(nxt, dict | list):
+            raise ConfigError(f"--set {key}: '{p}' holds a value, not a section")
+        cur = nxt
+    if isinstance(cur, list):
+        try:
+            cur[int(parts[-1])] = parse_value(value)
+        except (ValueError, IndexError):
+            raise ConfigError(f"--set {key}: '{parts[-1]}' is not a valid list index") from None
+    else:
+        cur[parts[-1]] = parse_value(value)
+
+
+def load_raw(path: str | Path | None) -> dict[str, Any]:
+    if path is None:
+        return {}
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} not found")
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{p}:{where} is not valid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{p}: top level must be a mapping of sections, got {type(raw).__name__}")
+    return raw
+
+
+def validate(raw: dict[str, Any]) -> RunConfig:
+    try:
+        cfg = RunConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e)) from None
+    _validate_plugins(cfg)
+    return cfg
+
+
+def _validate_plugins(cfg: RunConfig) -> None:
+    """Names that live in registries, and the algorithm's own parameters."""
+    from fedslim import plugins
+    from fedslim.registry import UnknownNameError
+
+    try:
+        plugins.DATASETS.get(cfg.data.dataset, field="data.dataset")
+        plugins.MODELS.get(cfg.model.name, field="model.name")
+        algo = plugins.ALGORITHMS.get(cfg.algorithm.name, field="algorithm.name")
+        plugins.BACKENDS.get(cfg.engine.backend, field="engine.backend")
+        for side in ("down", "up"):
+            for i, st in enumerate(getattr(cfg.codec, side)):
+                plugins.CODECS.get(st.name, field=f"codec.{side}.{i}.name")
+    except UnknownNameError as e:
+        raise ConfigError(str(e)) from None
+    params_model = getattr(algo, "Params", None)
+    if params_model is not None:
+        try:
+            params_model.model_validate(cfg.algorithm.params)
+        except ValidationError as e:
+            raise ConfigError(format_validation_error(e, params_model, "algorithm.params.")) from None
+    check = getattr(algo, "check_config", None)
+    if check is not None:
+        try:
+            check(cfg)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    try:
+        from fedslim.codecs import build_pipeline
+
+        for side in ("down", "up"):
+            build_pipeline([s.model_dump() for s in getattr(cfg.codec, side)], field=f"codec.{side}")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    raw = load_raw(path)
+    for ov in overrides or []:
+        apply_override(raw, ov)
+    return validate(raw)
+
+
+def dump_config(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,1 @@
+"""The federation engine: plan -> downlink codec -> client update -> uplink codec -> aggregate."""
