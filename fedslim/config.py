@@ -75,6 +75,7 @@ class TrainConfig(Strict):
     optimizer: OptimizerConfig = OptimizerConfig()
     schedule: ScheduleConfig = ScheduleConfig()
     grad_clip: float | None = Field(None, gt=0, description="max global grad norm")
+    augment: Literal["none", "flip", "crop_flip"] = Field("none", description="batched, seeded augmentation")
 
 
 class ServerOptimizerConfig(Strict):

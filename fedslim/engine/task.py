@@ -50,6 +50,7 @@ class LocalTrain:
     lr: float
     grad_clip: float | None = None
     max_steps: int | None = None
+    augment: str = "none"
 
 
 @dataclass

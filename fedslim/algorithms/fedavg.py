@@ -1,0 +1,46 @@
+"""FedAvg — McMahan et al., "Communication-Efficient Learning of Deep Networks from Decentralized
+Data", AISTATS 2017.
+
+The global model is replaced by the sample-weighted mean of the client models; expressed here as
+``w + mean(delta)`` so that a server optimizer (FedAvgM, FedAdam) can act on the same mean update.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fedslim.algorithms.aggregate import mean_delta
+from fedslim.algorithms.base import Algorithm
+from fedslim.engine.server_opt import ServerOptimizer
+from fedslim.engine.task import ClientResult, ClientTask, ModelSpec, State
+from fedslim.registry import ALGORITHMS
+
+
+@ALGORITHMS.register("fedavg", "FedAvg (McMahan et al. 2017), optional server optimizer")
+class FedAvg(Algorithm):
+    name = "fedavg"
+
+    def setup(self) -> None:
+        self.spec: ModelSpec = self.ctx.spec()
+        self.state: State = self.ctx.init_state(self.spec)
+        self.server_opt = ServerOptimizer(self.ctx.cfg.federation.server_optimizer)
+        self.param_keys = set(dict(self.spec.build().named_parameters()))
+
+    def plan(self, round_: int, cohort: list[int]) -> list[ClientTask]:
+        return [self.ctx.train_task(round_, c, self.spec, self.state) for c in cohort]
+
+    def aggregate(self, round_: int, tasks: list[ClientTask], results: list[ClientResult]) -> dict[str, Any]:
+        delta = mean_delta(results, self.ctx.cfg.federation.weighted)
+        if delta:
+            self.state = self.server_opt.step(self.state, delta, self.param_keys)
+        return {}
+
+    def eval_targets(self, round_: int) -> dict[str, tuple[ModelSpec, State]]:
+        return {"global": (self.spec, self.state)}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"state": self.state, "server_opt": self.server_opt.state_dict()}
+
+    def load_state_dict(self, s: dict[str, Any]) -> None:
+        self.state = dict(s["state"])
+        self.server_opt.load_state_dict(s["server_opt"])

@@ -1,0 +1,133 @@
+"""The ``fedslim`` command line: run, list, report, data."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+from fedslim.config import ConfigError
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from fedslim.config import load_config
+    from fedslim.engine.run import Runner
+
+    overrides = list(args.set or [])
+    if args.name:
+        overrides.append(f"name={args.name}")
+    if args.output_dir:
+        overrides.append(f"output_dir={args.output_dir}")
+    if args.rounds:
+        overrides.append(f"federation.rounds={args.rounds}")
+    cfg = load_config(args.config, overrides)
+    Runner(cfg, data_dir=args.data_dir, resume=args.resume, progress=False if args.quiet else None).run()
+    return 0
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    from fedslim import plugins
+
+    groups = {"datasets": plugins.DATASETS, "partitioners": plugins.PARTITIONERS, "models": plugins.MODELS,
+              "algorithms": plugins.ALGORITHMS, "codecs": plugins.CODECS, "backends": plugins.BACKENDS}
+    for title, reg in groups.items():
+        if args.what and args.what != title:
+            continue
+        print(f"{title}:")
+        for name in reg.names():
+            print(f"  {name:<16} {reg.doc(name)}")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from fedslim.report import report
+
+    print(report(args.runs, out_dir=args.out))
+    return 0
+
+
+def _cmd_config(args: argparse.Namespace) -> int:
+    from fedslim.config import dump_config, load_config
+
+    print(dump_config(load_config(args.config, args.set)), end="")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fedslim", description="Model-heterogeneous federated learning with "
+                                "model compression: simulate, compress, compare.")
+    p.add_argument("--version", action="version", version=f"fedslim {_version()}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    r = sub.add_parser("run", help="run a federation from a YAML config (default: the embedded demo)")
+    r.add_argument("config", nargs="?", help="YAML config file (omit for all defaults: digits + FedAvg)")
+    r.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a field, e.g. "
+                   "--set federation.rounds=5 (repeatable)")
+    r.add_argument("--data-dir", help="folder holding datasets (else data.root, $FEDSLIM_DATA, ./data)")
+    r.add_argument("--output-dir", help="parent folder of run folders (default: runs)")
+    r.add_argument("--name", help="run folder name")
+    r.add_argument("--rounds", type=int, help="shorthand for --set federation.rounds=N")
+    r.add_argument("--resume", action="store_true", help="continue the stopped run in the run folder")
+    r.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    r.set_defaults(func=_cmd_run)
+
+    c = sub.add_parser("config", help="print the resolved, validated config")
+    c.add_argument("config", nargs="?")
+    c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    c.set_defaults(func=_cmd_config)
+
+    lst = sub.add_parser("list", help="list datasets, partitioners, models, algorithms, codecs, backends")
+    lst.add_argument("what", nargs="?", choices=["datasets", "partitioners", "models", "algorithms", "codecs",
+                                                 "backends"])
+    lst.set_defaults(func=_cmd_list)
+
+    rep = sub.add_parser("report", help="compare runs: a table and accuracy plots")
+    rep.add_argument("runs", nargs="+", help="run folders")
+    rep.add_argument("--out", help="folder for plots (default: the first run's parent / report)")
+    rep.set_defaults(func=_cmd_report)
+
+    from fedslim.data.cli import add_data_commands
+
+    add_data_commands(sub)
+    return p
+
+
+def _version() -> str:
+    from fedslim import __version__
+
+    return __version__
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    from fedslim.engine.run import RunError
+    from fedslim.registry import UnknownNameError
+    from fedslim.report import ReportError
+
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as e:
+        print(f"fedslim: config error: {e}", file=sys.stderr)
+        return 2
+    except (RunError, UnknownNameError, ReportError) as e:
+        print(f"fedslim: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fedslim: interrupted; the last checkpoint is kept (continue with --resume)", file=sys.stderr)
+        return 130
+    except Exception as e:
+        from fedslim.data.formats import DataError
+
+        if isinstance(e, DataError) or (isinstance(e, ValueError) and not os.environ.get("FEDSLIM_DEBUG")):
+            print(f"fedslim: {e}", file=sys.stderr)
+            return 1
+        raise
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

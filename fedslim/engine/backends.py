@@ -1,0 +1,50 @@
+"""Backends run a cohort's client tasks. They differ in where, never in what they compute."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from torch import nn
+
+from fedslim.engine.store import ClientStore
+from fedslim.engine.task import ClientResult, ClientTask, ModelSpec
+from fedslim.registry import BACKENDS, CLIENT_PROCEDURES
+
+
+class Backend(Protocol):
+    def run(self, tasks: list[ClientTask]) -> list[ClientResult]: ...
+
+    def close(self) -> None: ...
+
+
+class ModelBuffers:
+    """One reusable model per spec (pfl-style): tasks overwrite its weights instead of rebuilding it."""
+
+    def __init__(self, device: str = "cpu"):
+        self.device = device
+        self._models: dict[ModelSpec, nn.Module] = {}
+
+    def get(self, spec: ModelSpec) -> nn.Module:
+        m = self._models.get(spec)
+        if m is None:
+            m = self._models[spec] = spec.build().to(self.device)
+        return m
+
+
+def run_one(task: ClientTask, store: ClientStore, buffers: ModelBuffers) -> ClientResult:
+    proc = CLIENT_PROCEDURES.get(task.kind)
+    data = store.get(task.client, task.extras.get("split", "train"))
+    return proc(task, data, buffers.get(task.spec))
+
+
+@BACKENDS.register("serial", "one client after another in this process (default on CPU)")
+class SerialBackend:
+    def __init__(self, store: ClientStore, device: str = "cpu", **_: object):
+        self.store = store
+        self.buffers = ModelBuffers(device)
+
+    def run(self, tasks: list[ClientTask]) -> list[ClientResult]:
+        return [run_one(t, self.store, self.buffers) for t in tasks]
+
+    def close(self) -> None:
+        pass

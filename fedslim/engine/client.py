@@ -1,0 +1,137 @@
+"""Client procedures: pure functions of (task, the client's data, a model buffer).
+
+The model buffer is scratch space owned by the backend and fully overwritten from ``task.state``;
+all randomness comes from ``task.seed``. Algorithms add procedures with
+``@CLIENT_PROCEDURES.register("name")``; a task picks one with ``task.kind``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedslim.data.types import TensorData
+from fedslim.engine.task import ClientResult, ClientTask, LocalTrain, State
+from fedslim.registry import CLIENT_PROCEDURES
+
+
+def build_optimizer(params: list[nn.Parameter], train: LocalTrain) -> torch.optim.Optimizer:
+    o = train.optimizer
+    if o.name == "sgd":
+        return torch.optim.SGD(params, lr=train.lr, momentum=o.momentum, nesterov=o.nesterov and o.momentum > 0,
+                               weight_decay=o.weight_decay)
+    if o.name == "adam":
+        return torch.optim.Adam(params, lr=train.lr, betas=o.betas, weight_decay=o.weight_decay)
+    raise ValueError(f"train.optimizer.name: unknown optimizer {o.name!r}")
+
+
+def augment_batch(x: torch.Tensor, mode: str, gen: torch.Generator) -> torch.Tensor:
+    """Batched random horizontal flip (and 4-pixel-padded random crop), drawn from ``gen`` only."""
+    if mode == "none" or x.dim() != 4:
+        return x
+    n, _, h, w = x.shape
+    flip = torch.rand(n, generator=gen, device=x.device) < 0.5
+    x = torch.where(flip[:, None, None, None], x.flip(3), x)
+    if mode == "crop_flip":
+        pad = 4
+        xp = F.pad(x, (pad, pad, pad, pad))
+        dy = torch.randint(0, 2 * pad + 1, (n,), generator=gen, device=x.device)
+        dx = torch.randint(0, 2 * pad + 1, (n,), generator=gen, device=x.device)
+        rows = (dy[:, None] + torch.arange(h, device=x.device)[None, :])  # n, h
+        cols = (dx[:, None] + torch.arange(w, device=x.device)[None, :])  # n, w
+        x = xp[torch.arange(n, device=x.device)[:, None, None, None], torch.arange(x.shape[1], device=x.device)[
+            None, :, None, None], rows[:, None, :, None], cols[:, None, None, :]]
+    return x
+
+
+def masked_logits(logits: torch.Tensor, label_mask: torch.Tensor | None) -> torch.Tensor:
+    """HeteroFL's masked loss: logits of classes the client does not hold are set to 0."""
+    if label_mask is None:
+        return logits
+    return logits.masked_fill(~label_mask.to(logits.device), 0.0)
+
+
+def state_delta(new: State, old: State) -> State:
+    return {k: (new[k] - old[k]) for k in old}
+
+
+def load_state(model: nn.Module, state: State) -> None:
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"client model and payload disagree: missing {missing[:3]}, unexpected {unexpected[:3]}")
+
+
+def _batches(n: int, batch_size: int, gen: torch.Generator) -> list[torch.Tensor]:
+    perm = torch.randperm(n, generator=gen)
+    out = [perm[i:i + batch_size] for i in range(0, n, batch_size)]
+    # A final batch of one sample breaks BatchNorm in training mode; fold it into the previous one.
+    if len(out) > 1 and len(out[-1]) == 1:
+        out[-2] = torch.cat([out[-2], out.pop()])
+    return out
+
+
+def train_model(model: nn.Module, task: ClientTask, data: TensorData) -> tuple[int, float, int]:
+    """Local SGD/Adam on ``model`` in place. Returns (steps, mean loss, samples processed)."""
+    assert task.train is not None, "a train task needs task.train"
+    tr = task.train
+    gen = torch.Generator()
+    gen.manual_seed(task.seed)
+    torch.manual_seed(task.seed)  # dropout draws from the global generator; pin it to this task
+    dev = next(model.parameters()).device
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = build_optimizer(params, tr)
+    masks = {k: m.to(dev) for k, m in task.param_masks.items()} if task.param_masks else None
+    named = dict(model.named_parameters())
+    steps, seen, loss_sum = 0, 0, torch.zeros((), device=dev)
+    n = len(data)
+    if n == 0:
+        return 0, 0.0, 0
+    done = False
+    for _ in range(tr.epochs):
+        for idx in _batches(n, tr.batch_size, gen):
+            idx = idx.to(data.x.device)
+            xb, yb = data.x[idx], data.y[idx]
+            xb = augment_batch(xb, tr.augment, gen)
+            out = masked_logits(model(xb), task.label_mask)
+            loss = F.cross_entropy(out, yb)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if tr.grad_clip is not None:
+                nn.utils.clip_grad_norm_(params, tr.grad_clip)
+            opt.step()
+            if masks:
+                with torch.no_grad():
+                    for k, m in masks.items():
+                        named[k].mul_(m)
+            loss_sum += loss.detach() * len(idx)
+            seen += len(idx)
+            steps += 1
+            if tr.max_steps is not None and steps >= tr.max_steps:
+                done = True
+                break
+        if done:
+            break
+    return steps, float(loss_sum) / max(seen, 1), seen
+
+
+@CLIENT_PROCEDURES.register("train", "local training; returns the weight delta")
+def train_procedure(task: ClientTask, data: TensorData, model: nn.Module) -> ClientResult:
+    dev = next(model.parameters()).device
+    start = {k: v.to(dev) for k, v in task.state.items()}
+    load_state(model, start)
+    steps, loss, seen = train_model(model, task, data)
+    new = {k: v.detach() for k, v in model.state_dict().items()}
+    delta = {k: (new[k] - start[k]).cpu() for k in start}
+    return ClientResult(task.client, task.round, delta, len(data), steps, loss, {"samples_processed": seen})
+
+
+@CLIENT_PROCEDURES.register("evaluate", "metrics of the received model on the client's local split")
+def evaluate_procedure(task: ClientTask, data: TensorData, model: nn.Module) -> ClientResult:
+    from fedslim.metrics import evaluate
+
+    load_state(model, {k: v.to(next(model.parameters()).device) for k, v in task.state.items()})
+    metrics = evaluate(model, data, task.spec.num_classes, label_mask=task.label_mask,
+                       batch_size=int(task.extras.get("batch_size", 1000)))
+    return ClientResult(task.client, task.round, {}, len(data), 0, metrics.get("loss", 0.0), {"metrics": metrics})

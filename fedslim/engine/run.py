@@ -1,0 +1,389 @@
+"""The round loop: sample -> plan -> downlink codec -> backend -> uplink codec -> aggregate -> evaluate
+-> record -> checkpoint."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+import torch
+import yaml
+from torch import nn
+
+from fedslim import plugins
+from fedslim.algorithms.base import Algorithm, RunContext
+from fedslim.codecs import Codec, CodecContext, build_pipeline
+from fedslim.config import RunConfig, dump_config
+from fedslim.devices import DevicePopulation
+from fedslim.engine.store import ClientStore
+from fedslim.engine.task import ClientResult, ClientTask, ModelSpec
+from fedslim.metrics import mean_metrics
+from fedslim.results import (
+    CHECKPOINT_FILE,
+    CONFIG_FILE,
+    METRICS_FILE,
+    SUMMARY_FILE,
+    TIMINGS_FILE,
+    atomic_write_text,
+    load_checkpoint,
+    read_jsonl,
+    save_checkpoint,
+    to_json,
+    write_jsonl,
+)
+from fedslim.rng import np_gen, torch_gen
+
+CHECKPOINT_VERSION = 1
+
+
+class RunError(RuntimeError):
+    """A user-facing problem with a run (folder exists, checkpoint from another config ...)."""
+
+
+def resolve_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RunError("engine.device: 'cuda' requested but no CUDA device is available (use cpu or auto)")
+    return name
+
+
+def sample_cohort(seed: int, round_: int, num_clients: int, participation: float) -> list[int]:
+    m = max(1, int(round(participation * num_clients)))
+    if m >= num_clients:
+        return list(range(num_clients))
+    return sorted(np_gen(seed, "sample", round_).choice(num_clients, size=m, replace=False).tolist())
+
+
+def compressible_names(model: nn.Module, targets: str) -> frozenset[str]:
+    """Names of the tensors lossy codec stages may touch; everything else travels exact."""
+    names: set[str] = set()
+    weighted = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+    for mname, mod in model.named_modules():
+        prefix = f"{mname}." if mname else ""
+        for pname, p in mod.named_parameters(recurse=False):
+            if not p.is_floating_point():
+                continue
+            if targets == "all_float" or (isinstance(mod, weighted) and (
+                    pname == "weight" or (targets == "weights_and_biases" and pname == "bias"))):
+                names.add(prefix + pname)
+    return frozenset(names)
+
+
+def _comparable(cfg: RunConfig) -> dict[str, Any]:
+    d = cfg.model_dump(mode="json")
+    d.pop("engine", None)  # where and how fast it runs does not change the numbers
+    d.pop("output_dir", None)
+    return d
+
+
+def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b)):
+            out += _diff(a.get(k), b.get(k), f"{prefix}{k}.")
+        return out
+    return [] if a == b else [f"{prefix[:-1]}: {a!r} in the checkpoint, {b!r} now"]
+
+
+class Runner:
+    def __init__(self, cfg: RunConfig, *, data_dir: str | None = None, resume: bool = False,
+                 progress: bool | None = None, out: TextIO = sys.stdout):
+        self.cfg = cfg
+        self.data_dir = data_dir
+        self.resume = resume
+        self.progress = cfg.engine.progress if progress is None else progress
+        self.out = out
+        self.run_dir = Path(cfg.output_dir) / cfg.name
+        self._compressible: dict[ModelSpec, frozenset[str]] = {}
+        self._profiles: dict[ModelSpec, dict[str, int]] = {}
+
+    # ------------------------------------------------------------------ set-up
+    def _check_run_dir(self) -> None:
+        ckpt = self.run_dir / CHECKPOINT_FILE
+        if self.resume:
+            if not ckpt.exists():
+                raise RunError(f"--resume: no checkpoint in {self.run_dir} (nothing to resume)")
+            old = yaml.safe_load((self.run_dir / CONFIG_FILE).read_text())
+            saved = RunConfig.model_validate(old)
+            diffs = _diff(_comparable(saved), _comparable(self.cfg))
+            if diffs:
+                raise RunError(f"--resume: the checkpoint in {self.run_dir} is from another config: {diffs[0]}"
+                               + (f" (+{len(diffs) - 1} more)" if len(diffs) > 1 else ""))
+        elif self.run_dir.exists() and any(self.run_dir.iterdir()):
+            raise RunError(f"{self.run_dir} already holds a run; pass --resume to continue it, or choose "
+                           f"another name (--set name=...)")
+
+    def _build(self) -> None:
+        from fedslim.data.datasets import load_dataset
+        from fedslim.data.partition import make_partition, split_local_test
+
+        cfg = self.cfg
+        if cfg.engine.threads:
+            torch.set_num_threads(cfg.engine.threads)
+        self.device = resolve_device(cfg.engine.device)
+        root = cfg.data.root or self.data_dir or os.environ.get("FEDSLIM_DATA")
+        bundle = load_dataset(cfg.data.dataset, root, train_subset=cfg.data.train_subset,
+                              test_subset=cfg.data.test_subset, options=cfg.data.options)
+        labels = bundle.train.y.numpy()
+        parts = make_partition(labels, cfg.data.num_clients, cfg.data.partition, cfg.seed)
+        test_parts = None
+        if cfg.data.local_test_fraction > 0:
+            rng = np_gen(cfg.seed, "local_test")
+            split = [split_local_test(p, cfg.data.local_test_fraction, rng) for p in parts]
+            parts = [s[0] for s in split]
+            test_parts = [torch.as_tensor(s[1], dtype=torch.long) for s in split]
+        self.parts = parts
+        store = ClientStore(bundle, [torch.as_tensor(p, dtype=torch.long) for p in parts], test_parts,
+                            device=self.device)
+        self.devices = DevicePopulation(cfg.devices, cfg.data.num_clients, cfg.seed)
+        backend_cls = plugins.BACKENDS.get(cfg.engine.backend, field="engine.backend")
+        self.backend = backend_cls(store, device=self.device, cfg=cfg)
+        self.ctx = RunContext(cfg, bundle, store, self.devices, self.backend, self.run_dir, self.device)
+        algo_cls = plugins.ALGORITHMS.get(cfg.algorithm.name, field="algorithm.name")
+        params = algo_cls.Params.model_validate(cfg.algorithm.params)
+        self.algo: Algorithm = algo_cls(self.ctx, params)
+        self.codec_down: Codec = build_pipeline([s.model_dump() for s in cfg.codec.down], "codec.down")
+        self.codec_up: Codec = build_pipeline([s.model_dump() for s in cfg.codec.up], "codec.up")
+
+    def _write_partition_report(self) -> None:
+        from fedslim.data.report import format_label_report, label_counts, plot_label_counts
+
+        b = self.ctx.bundle
+        counts = label_counts(b.train.y.numpy(), self.parts, b.num_classes)
+        atomic_write_text(self.run_dir / "partition.txt", format_label_report(counts, b.class_names))
+        plot_label_counts(counts, self.run_dir / "partition.png")
+
+    # ------------------------------------------------------------------ helpers
+    def compressible(self, spec: ModelSpec) -> frozenset[str]:
+        if spec not in self._compressible:
+            self._compressible[spec] = compressible_names(spec.build(), self.cfg.codec.targets)
+        return self._compressible[spec]
+
+    def profile(self, spec: ModelSpec) -> dict[str, int]:
+        if spec not in self._profiles:
+            from fedslim.models.profile import profile_spec
+
+            self._profiles[spec] = profile_spec(spec.name, spec.num_classes, spec.input_shape, spec.width,
+                                                **dict(spec.options))
+        return self._profiles[spec]
+
+    def _downlink(self, round_: int, tasks: list[ClientTask]) -> dict[int, int]:
+        """Encode each task's payload, count the bytes, hand the client the decoded weights.
+
+        Identical payloads (same state object, spec and codec) are encoded once per round: the server
+        produces those bytes once and sends them to every client in the group.
+        """
+        sent: dict[int, int] = {}
+        cache: dict[tuple[int, ModelSpec, int], tuple[int, dict[str, torch.Tensor]]] = {}
+        for t in tasks:
+            codec = t.down_codec or self.codec_down
+            key = (id(t.state), t.spec, id(codec))
+            if key not in cache:
+                ctx = CodecContext("down", -1, round_, self.compressible(t.spec),
+                                   torch_gen(self.cfg.seed, "codec_down", round_))
+                payload = codec.encode(t.state, ctx)
+                cache[key] = (len(payload), codec.decode(payload, ctx))
+            nbytes, decoded = cache[key]
+            t.state = decoded
+            sent[t.client] = sent.get(t.client, 0) + nbytes
+        return sent
+
+    def _uplink(self, round_: int, tasks: list[ClientTask], results: list[ClientResult]) -> dict[int, int]:
+        sent: dict[int, int] = {}
+        by_client = {t.client: t for t in tasks}
+        for r in results:
+            if not r.delta:
+                continue
+            ctx = CodecContext("up", r.client, round_, self.compressible(by_client[r.client].spec),
+                               torch_gen(self.cfg.seed, "codec_up", round_, r.client))
+            payload = self.codec_up.encode(r.delta, ctx)
+            r.delta = self.codec_up.decode(payload, ctx)
+            sent[r.client] = sent.get(r.client, 0) + len(payload)
+        return sent
+
+    def _evaluate(self, round_: int) -> dict[str, Any]:
+        ev: dict[str, Any] = {}
+        for label, (spec, state) in self.algo.eval_targets(round_).items():
+            ev[label] = self.ctx.evaluate(spec, state)
+        out: dict[str, Any] = {"eval": ev}
+        if self.cfg.eval.local:
+            clients = list(range(self.ctx.num_clients))
+            results = self.backend.run(self.algo.local_eval_tasks(round_, clients))
+            per = {r.client: r.extras["metrics"] for r in results}
+            local: dict[str, Any] = {"all": mean_metrics(list(per.values()))}
+            tiers = self.devices.assignment(round_)
+            for ti, tier in enumerate(self.devices.tiers):
+                members = [per[c] for c in clients if int(tiers[c]) == ti and c in per]
+                if members and len(self.devices.tiers) > 1:
+                    local[tier.name] = mean_metrics(members)
+            out["local"] = local
+        return out
+
+    # ------------------------------------------------------------------ main loop
+    def run(self) -> dict[str, Any]:
+        cfg = self.cfg
+        self._check_run_dir()
+        self._build()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        start_round, rows, cum = 1, [], {"up": 0, "down": 0, "sim_time_s": 0.0}
+        timings: list[dict[str, Any]] = []
+        self.algo.setup()
+        if self.resume:
+            ck = load_checkpoint(self.run_dir / CHECKPOINT_FILE)
+            if ck.get("version") != CHECKPOINT_VERSION:
+                raise RunError(f"{self.run_dir / CHECKPOINT_FILE}: checkpoint version {ck.get('version')} "
+                               f"is not supported (expected {CHECKPOINT_VERSION})")
+            if ck.get("config") != _comparable(cfg):
+                raise RunError(f"--resume: {self.run_dir / CHECKPOINT_FILE} was written by another config")
+            self.algo.load_state_dict(ck["algorithm"])
+            self.codec_up.load_state_dict(ck["codec_up"])
+            self.codec_down.load_state_dict(ck["codec_down"])
+            start_round, cum = ck["round"] + 1, ck["cumulative"]
+            rows = [r for r in read_jsonl(self.run_dir / METRICS_FILE) if r["round"] <= ck["round"]]
+            timings = [r for r in read_jsonl(self.run_dir / TIMINGS_FILE) if r["round"] <= ck["round"]]
+            self._say(f"resuming {self.run_dir} at round {start_round}")
+        else:
+            atomic_write_text(self.run_dir / CONFIG_FILE, dump_config(cfg))
+            self._write_partition_report()
+        for note in self.ctx.notes:
+            self._say(f"note: {note}")
+
+        pending_comm: list[dict[str, Any]] = []
+        bar = self._bar(start_round)
+        try:
+            for rnd in range(start_round, cfg.federation.rounds + 1):
+                t0 = time.perf_counter()
+                cohort = sample_cohort(cfg.seed, rnd, self.ctx.num_clients, cfg.federation.participation)
+                tasks = self.algo.plan(rnd, cohort)
+                down = self._downlink(rnd, tasks)
+                t1 = time.perf_counter()
+                results = self.backend.run(tasks)
+                t2 = time.perf_counter()
+                up = self._uplink(rnd, tasks, results)
+                extra = self.algo.aggregate(rnd, tasks, results) or {}
+                t3 = time.perf_counter()
+                sim = self._sim_time(rnd, tasks, results, down, up)
+                cum["up"] += sum(up.values())
+                cum["down"] += sum(down.values())
+                cum["sim_time_s"] += sim
+                n = sum(r.num_samples for r in results)
+                loss = sum(r.loss * r.num_samples for r in results) / max(n, 1)
+                # JSON object keys are strings: convert now so a resumed run re-serialises identically
+                pending_comm.append({"round": rnd, "bytes_up": {str(k): v for k, v in up.items()},
+                                     "bytes_down": {str(k): v for k, v in down.items()}, "sim_time_s": sim})
+                last = rnd == cfg.federation.rounds
+                if rnd % cfg.eval.every == 0 or last:
+                    row: dict[str, Any] = {
+                        "round": rnd, "lr": self.ctx.local_train(rnd).lr, "clients": len(cohort),
+                        "train_loss": loss, "bytes_up": sum(sum(c["bytes_up"].values()) for c in pending_comm),
+                        "bytes_down": sum(sum(c["bytes_down"].values()) for c in pending_comm),
+                        "cum_bytes_up": cum["up"], "cum_bytes_down": cum["down"],
+                        "sim_time_s": cum["sim_time_s"], "comm": pending_comm, **extra,
+                    }
+                    row.update(self._evaluate(rnd))
+                    rows.append(row)
+                    pending_comm = []
+                    write_jsonl(self.run_dir / METRICS_FILE, rows)
+                    self._postfix(bar, row)
+                t4 = time.perf_counter()
+                timings.append({"round": rnd, "plan_down_s": t1 - t0, "clients_s": t2 - t1,
+                                "up_aggregate_s": t3 - t2, "eval_s": t4 - t3})
+                if (not pending_comm) and (rnd % cfg.engine.checkpoint_every == 0 or last):
+                    write_jsonl(self.run_dir / TIMINGS_FILE, timings)
+                    save_checkpoint(self.run_dir / CHECKPOINT_FILE, {
+                        "version": CHECKPOINT_VERSION, "round": rnd, "config": _comparable(cfg),
+                        "algorithm": self.algo.state_dict(), "codec_up": self.codec_up.state_dict(),
+                        "codec_down": self.codec_down.state_dict(), "cumulative": dict(cum)})
+                if bar is not None:
+                    bar.update(1)
+        finally:
+            if bar is not None:
+                bar.close()
+            self.backend.close()
+        final = self.algo.finalize() or {}
+        summary = self._summary(rows, cum, final)
+        atomic_write_text(self.run_dir / SUMMARY_FILE, to_json(summary) + "\n")
+        self._print_table(summary)
+        return summary
+
+    def _sim_time(self, rnd: int, tasks: list[ClientTask], results: list[ClientResult],
+                  down: dict[int, int], up: dict[int, int]) -> float:
+        """Simulated round time: the slowest client (download + 3x forward MACs per sample + upload)."""
+        spec_of = {t.client: t.spec for t in tasks}
+        worst = 0.0
+        for r in results:
+            macs = 3 * self.profile(spec_of[r.client])["macs"] * r.extras.get("samples_processed", 0)
+            tier = self.devices.tier(rnd, r.client)
+            worst = max(worst, self.devices.client_time(tier, down.get(r.client, 0), up.get(r.client, 0), macs))
+        return worst
+
+    def _summary(self, rows: list[dict[str, Any]], cum: dict[str, Any], final: dict[str, Any]) -> dict[str, Any]:
+        last = rows[-1] if rows else {}
+        models = {label: {**self.profile(spec), "width": spec.width, "model": spec.name}
+                  for label, (spec, _) in self.algo.eval_targets(self.cfg.federation.rounds).items()}
+        best = {label: max(r["eval"][label]["acc"] for r in rows if label in r.get("eval", {}))
+                for label in last.get("eval", {})}
+        return {
+            "name": self.cfg.name, "algorithm": self.cfg.algorithm.name, "dataset": self.cfg.data.dataset,
+            "model": self.cfg.model.name, "rounds": self.cfg.federation.rounds,
+            "clients": self.cfg.data.num_clients, "final": last.get("eval", {}), "best_acc": best,
+            "local": last.get("local"), "bytes_up": cum["up"], "bytes_down": cum["down"],
+            "sim_time_s": cum["sim_time_s"], "models": models, "notes": self.ctx.notes,
+            **self.algo.summary(), **final,
+        }
+
+    # ------------------------------------------------------------------ output
+    def _say(self, msg: str) -> None:
+        print(msg, file=self.out)
+
+    def _bar(self, start: int) -> Any:
+        if not self.progress:
+            return None
+        from tqdm import tqdm
+
+        return tqdm(total=self.cfg.federation.rounds, initial=start - 1, desc=self.cfg.name, unit="round",
+                    file=self.out, dynamic_ncols=True, leave=True)
+
+    @staticmethod
+    def _postfix(bar: Any, row: dict[str, Any]) -> None:
+        if bar is None:
+            return
+        accs = {k: f"{v['acc'] * 100:.2f}" for k, v in row["eval"].items() if "acc" in v}
+        bar.set_postfix(acc=",".join(f"{k}={v}" for k, v in accs.items()) if len(accs) > 1
+                        else next(iter(accs.values()), "-"), up=_human(row["cum_bytes_up"]))
+
+    def _print_table(self, s: dict[str, Any]) -> None:
+        lines = [f"\n{s['name']}: {s['algorithm']} / {s['model']} / {s['dataset']}, {s['rounds']} rounds, "
+                 f"{s['clients']} clients -> {self.run_dir}"]
+        header = (f"{'model':<10} {'acc':>7} {'top5':>7} {'f1_macro':>8} {'f1_w':>7} {'loss':>7} "
+                  f"{'params':>10} {'MACs':>10}")
+        lines += [header, "-" * len(header)]
+        for label, m in s["final"].items():
+            prof = s["models"].get(label, {})
+            top = next((v for k, v in m.items() if k.startswith("top")), float("nan"))
+            lines.append(f"{label:<10} {m['acc'] * 100:7.2f} {top * 100:7.2f} {m['f1_macro'] * 100:8.2f} "
+                         f"{m['f1_weighted'] * 100:7.2f} {m['loss']:7.4f} {prof.get('params', 0):>10,} "
+                         f"{prof.get('macs', 0):>10,}")
+        if s.get("local"):
+            for tier, m in s["local"].items():
+                lines.append(f"local/{tier:<4} {m['acc'] * 100:7.2f}  (clients' own test splits, n={m['n']})")
+        lines.append(f"bytes up {_human(s['bytes_up'])}, down {_human(s['bytes_down'])}, "
+                     f"simulated time {s['sim_time_s']:.1f} s")
+        self._say("\n".join(lines))
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1000:
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def run_config(cfg: RunConfig, **kw: Any) -> dict[str, Any]:
+    return Runner(cfg, **kw).run()
+

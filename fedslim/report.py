@@ -1,0 +1,93 @@
+"""``fedslim report``: compare run folders in one table and plot accuracy against rounds and bytes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from fedslim.results import METRICS_FILE, SUMMARY_FILE, atomic_write_bytes, read_jsonl
+
+
+class ReportError(ValueError):
+    pass
+
+
+def _load(run: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    rows = read_jsonl(run / METRICS_FILE)
+    if not rows:
+        raise ReportError(f"{run}: no {METRICS_FILE} with rows (is this a fedslim run folder?)")
+    summary_path = run / SUMMARY_FILE
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {"name": run.name}
+    return summary, rows
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def report(runs: list[str], out_dir: str | None = None) -> str:
+    paths = [Path(r) for r in runs]
+    for p in paths:
+        if not p.is_dir():
+            raise ReportError(f"{p}: not a folder")
+    loaded = [(p, *_load(p)) for p in paths]
+    header = (f"{'run':<28} {'algo':<12} {'model':<8} {'rnd':>4} {'acc':>7} {'best':>7} {'f1_w':>7} "
+              f"{'up':>10} {'down':>10} {'sim s':>8}")
+    lines = [header, "-" * len(header)]
+    for p, s, rows in loaded:
+        last = rows[-1]
+        for label, m in last.get("eval", {}).items():
+            best = max(r["eval"][label]["acc"] for r in rows if label in r.get("eval", {}))
+            name = p.name if label == "global" else f"{p.name}[{label}]"
+            lines.append(f"{name[:28]:<28} {s.get('algorithm', '?')[:12]:<12} {str(s.get('model', '?'))[:8]:<8} "
+                         f"{last['round']:>4} {m['acc'] * 100:7.2f} {best * 100:7.2f} "
+                         f"{m.get('f1_weighted', float('nan')) * 100:7.2f} {_fmt_bytes(last['cum_bytes_up']):>10} "
+                         f"{_fmt_bytes(last['cum_bytes_down']):>10} {last.get('sim_time_s', 0):8.1f}")
+        for tier, m in (last.get("local") or {}).items():
+            lines.append(f"{(p.name + ' local/' + tier)[:28]:<28} {'':<12} {'':<8} {last['round']:>4} "
+                         f"{m['acc'] * 100:7.2f}")
+    out = Path(out_dir) if out_dir else paths[0].parent / "report"
+    written = _plots(loaded, out)
+    lines.append("")
+    lines += [f"wrote {w}" for w in written]
+    return "\n".join(lines)
+
+
+def _plots(loaded: list[tuple[Path, dict[str, Any], list[dict[str, Any]]]], out: Path) -> list[Path]:
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    for xkey, xlabel, fname in (("round", "round", "accuracy_vs_round.png"),
+                                ("cum_bytes", "cumulative bytes (up + down, MB)", "accuracy_vs_bytes.png")):
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for p, _, rows in loaded:
+            labels = list(rows[-1].get("eval", {}))
+            for label in labels:
+                pts = [(r, r["eval"][label]["acc"] * 100) for r in rows if label in r.get("eval", {})]
+                xs = [r["round"] if xkey == "round" else (r["cum_bytes_up"] + r["cum_bytes_down"]) / 1e6
+                      for r, _ in pts]
+                name = p.name if len(labels) == 1 else f"{p.name}[{label}]"
+                ax.plot(xs, [a for _, a in pts], marker="o", ms=3, label=name)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("test accuracy (%)")
+        if xkey == "cum_bytes":
+            ax.set_xscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=110)
+        plt.close(fig)
+        atomic_write_bytes(out / fname, buf.getvalue())
+        written.append(out / fname)
+    return written
