@@ -1,0 +1,72 @@
+from __future__ import annotations
+
+import pytest
+
+from fedslim.config import ConfigError, RunConfig, apply_override, load_config, validate
+
+
+def test_defaults_validate() -> None:
+    cfg = validate({})
+    assert cfg.data.dataset == "digits" and cfg.algorithm.name == "fedavg"
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ({"federation": {"participation": 1.5}}, "federation.participation"),
+        ({"federation": {"rounds": "ten"}}, "federation.rounds"),
+        ({"train": {"optimizer": {"name": "rmsprop"}}}, "must be one of"),
+        ({"data": {"partiton": {}}}, "did you mean 'data.partition'"),
+        ({"trian": {}}, "did you mean 'train'"),
+        ({"data": {"dataset": "mnits"}}, "did you mean 'mnist'"),
+        ({"model": {"name": "lenet"}}, "model.name"),
+        ({"algorithm": {"name": "fedav"}}, "did you mean 'fedavg'"),
+        ({"data": {"partition": {"kind": "dirichlet", "alpha": 0}}}, "data.partition.alpha"),
+        ({"name": "../escape"}, "name"),
+    ],
+)
+def test_bad_configs_are_one_line_and_name_the_field(raw: dict, expected: str) -> None:
+    with pytest.raises(ConfigError) as ei:
+        validate(raw)
+    msg = str(ei.value)
+    assert expected in msg
+    assert "\n" not in msg
+
+
+def test_overrides_parse_yaml_scalars() -> None:
+    raw: dict = {}
+    apply_override(raw, "federation.participation=0.25")
+    apply_override(raw, "engine.progress=false")
+    apply_override(raw, "data.partition.kind=pathological")
+    cfg = validate(raw)
+    assert cfg.federation.participation == 0.25
+    assert cfg.engine.progress is False
+    assert cfg.data.partition.kind == "pathological"
+
+
+def test_override_without_equals_is_an_error() -> None:
+    with pytest.raises(ConfigError, match="expected key.sub=value"):
+        apply_override({}, "federation.rounds")
+
+
+def test_missing_and_broken_yaml(tmp_path) -> None:
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    scalar = tmp_path / "scalar.yaml"
+    scalar.write_text("42\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(scalar)
+
+
+def test_example_configs_validate() -> None:
+    from pathlib import Path
+
+    examples = sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.yaml"))
+    assert examples, "no example configs found"
+    for p in examples:
+        cfg = load_config(p)
+        assert isinstance(cfg, RunConfig), p

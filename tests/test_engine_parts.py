@@ -1,0 +1,84 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fedslim.algorithms.aggregate import mean_delta
+from fedslim.algorithms.base import scheduled_lr
+from fedslim.config import DevicesConfig, DeviceTier, ServerOptimizerConfig, validate
+from fedslim.devices import DevicePopulation, split_counts
+from fedslim.engine.run import sample_cohort
+from fedslim.engine.server_opt import ServerOptimizer
+from fedslim.engine.task import ClientResult
+from fedslim.rng import np_gen, stream_seed
+
+
+def test_streams_are_independent_and_reproducible() -> None:
+    assert stream_seed(1, "train", 3, 7) == stream_seed(1, "train", 3, 7)
+    seeds = {stream_seed(1, p, r, c) for p in ("train", "sample") for r in range(5) for c in range(5)}
+    assert len(seeds) == 50
+    assert stream_seed(1, "train", 1, 2) != stream_seed(2, "train", 1, 2)
+    a = np_gen(0, "sample", 4).random(3)
+    np.testing.assert_array_equal(a, np_gen(0, "sample", 4).random(3))
+
+
+def test_cohort_sampling() -> None:
+    c = sample_cohort(0, 1, 50, 0.5)
+    assert len(c) == 25 and len(set(c)) == 25 and c == sorted(c)
+    assert c == sample_cohort(0, 1, 50, 0.5)
+    assert c != sample_cohort(0, 2, 50, 0.5)
+    assert sample_cohort(0, 1, 10, 1.0) == list(range(10))
+    assert len(sample_cohort(0, 1, 10, 0.01)) == 1
+
+
+def test_split_counts_sum_and_proportions() -> None:
+    assert split_counts([1, 1, 1, 1, 1], 100) == [20] * 5
+    assert sum(split_counts([0.3, 0.3, 0.4], 7)) == 7
+    assert split_counts([2, 8], 10) == [2, 8]
+
+
+def test_device_assignment_fixed_random_dynamic() -> None:
+    tiers = [DeviceTier(name="a", share=1), DeviceTier(name="b", share=3)]
+    fixed = DevicePopulation(DevicesConfig(tiers=tiers, assignment="fixed"), 8, 0)
+    assert [fixed.tier(1, c).name for c in range(8)] == ["a"] * 2 + ["b"] * 6
+    rnd = DevicePopulation(DevicesConfig(tiers=tiers, assignment="random"), 8, 0)
+    assert sorted(rnd.assignment(1).tolist()) == [0, 0, 1, 1, 1, 1, 1, 1]
+    assert (rnd.assignment(1) == rnd.assignment(5)).all()
+    dyn = DevicePopulation(DevicesConfig(tiers=tiers, assignment="dynamic"), 200, 0)
+    a1, a2 = dyn.assignment(1).copy(), dyn.assignment(2).copy()
+    assert (a1 != a2).any()
+    assert 0.15 < (a1 == 0).mean() < 0.35
+
+
+def test_lr_schedules() -> None:
+    cfg = validate({"train": {"optimizer": {"lr": 1.0}, "schedule": {"kind": "step", "gamma": 0.5, "step_size": 2}}})
+    assert [scheduled_lr(cfg, r) for r in (1, 2, 3, 4, 5)] == [1.0, 1.0, 0.5, 0.5, 0.25]
+    cfg = validate({"train": {"optimizer": {"lr": 1.0}, "schedule": {"kind": "exponential", "gamma": 0.9}}})
+    assert scheduled_lr(cfg, 3) == pytest.approx(0.81)
+    cfg = validate({"train": {"optimizer": {"lr": 1.0}, "schedule": {"kind": "multistep", "gamma": 0.1,
+                                                                        "milestones": [3, 5]}}})
+    assert [scheduled_lr(cfg, r) for r in (2, 3, 5)] == pytest.approx([1.0, 0.1, 0.01])
+
+
+def _res(client: int, n: int, val: float) -> ClientResult:
+    return ClientResult(client, 1, {"w": torch.full((2,), val), "c": torch.tensor(2, dtype=torch.long)}, n)
+
+
+def test_mean_delta_weighted_and_unweighted() -> None:
+    rs = [_res(0, 1, 1.0), _res(1, 3, 5.0)]
+    assert torch.allclose(mean_delta(rs, weighted=True)["w"], torch.full((2,), 4.0))
+    assert torch.allclose(mean_delta(rs, weighted=False)["w"], torch.full((2,), 3.0))
+    assert mean_delta(rs)["c"].dtype == torch.long and int(mean_delta(rs)["c"]) == 2
+
+
+def test_server_momentum_accumulates() -> None:
+    opt = ServerOptimizer(ServerOptimizerConfig(name="sgd", lr=1.0, momentum=0.5))
+    state = {"w": torch.zeros(1)}
+    d = {"w": torch.ones(1)}
+    s1 = opt.step(state, d, {"w"})
+    s2 = opt.step(s1, d, {"w"})
+    assert float(s1["w"]) == pytest.approx(1.0)
+    assert float(s2["w"]) == pytest.approx(1.0 + 1.5)
+    plain = ServerOptimizer(ServerOptimizerConfig())
+    assert float(plain.step(state, d, {"w"})["w"]) == 1.0

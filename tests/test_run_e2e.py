@@ -1,0 +1,138 @@
+"""End-to-end runs through the CLI entry point: determinism, resume, run folder contents, errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fedslim.cli import main
+from fedslim.config import validate
+from fedslim.engine.run import Runner
+
+
+def _write(tmp_path: Path, cfg: dict, name: str = "cfg.yaml") -> Path:
+    p = tmp_path / name
+    p.write_text(yaml.safe_dump(cfg))
+    return p
+
+
+def test_run_writes_folder_and_learns(tmp_path: Path, tiny_cfg: dict) -> None:
+    tiny_cfg["federation"]["rounds"] = 4
+    summary = Runner(validate(tiny_cfg)).run()
+    run = Path(tiny_cfg["output_dir"]) / "tiny"
+    for f in ("config.yaml", "metrics.jsonl", "summary.json", "checkpoint.pt", "partition.txt", "partition.png"):
+        assert (run / f).exists(), f
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2, 3, 4]
+    # synthetic blobs are separable: the model must beat chance (0.25) clearly
+    assert summary["final"]["global"]["acc"] > 0.6
+    for key in ("acc", "top4", "f1_macro", "f1_weighted", "precision", "recall", "loss"):
+        assert key in rows[-1]["eval"]["global"], key
+    # bytes are real payload lengths: float32 exact codec => at least 4 bytes per parameter per client
+    params = summary["models"]["global"]["params"]
+    assert rows[0]["bytes_up"] >= 2 * 4 * params
+    assert rows[-1]["cum_bytes_up"] == sum(r["bytes_up"] for r in rows)
+    assert sum(rows[0]["comm"][0]["bytes_up"].values()) == rows[0]["bytes_up"]
+
+
+def test_same_seed_same_bytes(tmp_path: Path, tiny_cfg: dict) -> None:
+    outs = []
+    for name in ("a", "b"):
+        cfg = dict(tiny_cfg, name=name)
+        Runner(validate(cfg)).run()
+        run = Path(tiny_cfg["output_dir"]) / name
+        outs.append(((run / "metrics.jsonl").read_bytes(), (run / "summary.json").read_text()))
+    assert outs[0][0] == outs[1][0]
+    other = dict(tiny_cfg, name="c", seed=tiny_cfg["seed"] + 1)
+    Runner(validate(other)).run()
+    assert (Path(tiny_cfg["output_dir"]) / "c" / "metrics.jsonl").read_bytes() != outs[0][0]
+
+
+def test_resume_matches_uninterrupted(tmp_path: Path, tiny_cfg: dict) -> None:
+    tiny_cfg["federation"]["rounds"] = 5
+    tiny_cfg["codec"] = {}
+    full = dict(tiny_cfg, name="full")
+    Runner(validate(full)).run()
+
+    class Stop(Exception):
+        pass
+
+    part = dict(tiny_cfg, name="part")
+    runner = Runner(validate(part))
+    original = runner._evaluate  # noqa: SLF001
+
+    def stop_after_round_3(rnd: int):  # simulates a kill after round 3 was recorded
+        out = original(rnd)
+        if rnd == 4:
+            raise Stop
+        return out
+
+    runner._evaluate = stop_after_round_3  # type: ignore[method-assign]
+    with pytest.raises(Stop):
+        runner.run()
+    run = Path(tiny_cfg["output_dir"]) / "part"
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 3
+    Runner(validate(part), resume=True).run()
+    a = (Path(tiny_cfg["output_dir"]) / "full" / "metrics.jsonl").read_bytes()
+    b = (run / "metrics.jsonl").read_bytes()
+    assert a == b
+
+
+def test_resume_refuses_other_config(tmp_path: Path, tiny_cfg: dict, capsys) -> None:
+    p = _write(tmp_path, tiny_cfg)
+    assert main(["run", str(p), "-q"]) == 0
+    code = main(["run", str(p), "-q", "--resume", "--set", "train.batch_size=8"])
+    err = capsys.readouterr().err
+    assert code == 2 and "another config" in err and "train.batch_size" in err
+    # the original run folder is intact
+    assert (Path(tiny_cfg["output_dir"]) / "tiny" / "summary.json").exists()
+
+
+def test_existing_run_is_not_overwritten(tmp_path: Path, tiny_cfg: dict, capsys) -> None:
+    p = _write(tmp_path, tiny_cfg)
+    assert main(["run", str(p), "-q"]) == 0
+    before = (Path(tiny_cfg["output_dir"]) / "tiny" / "metrics.jsonl").read_bytes()
+    assert main(["run", str(p), "-q"]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert (Path(tiny_cfg["output_dir"]) / "tiny" / "metrics.jsonl").read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [
+        ("federation.participation=1.5", "federation.participation"),
+        ("federation.partcipation=0.5", "did you mean 'federation.participation'"),
+        ("model.name=resnet", "model.name"),
+        ("train.epochs=0", "train.epochs"),
+    ],
+)
+def test_cli_config_errors_exit_2_one_line(tmp_path: Path, tiny_cfg: dict, capsys, override: str,
+                                           needle: str) -> None:
+    p = _write(tmp_path, tiny_cfg)
+    assert main(["run", str(p), "-q", "--set", override]) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and len(err.splitlines()) == 1
+    assert not (Path(tiny_cfg["output_dir"]) / "tiny").exists()
+
+
+def test_report_table_and_plots(tmp_path: Path, tiny_cfg: dict, capsys) -> None:
+    for name in ("r1", "r2"):
+        Runner(validate(dict(tiny_cfg, name=name))).run()
+    runs = [str(Path(tiny_cfg["output_dir"]) / n) for n in ("r1", "r2")]
+    out_dir = tmp_path / "rep"
+    assert main(["report", *runs, "--out", str(out_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "r1" in out and "r2" in out
+    assert (out_dir / "accuracy_vs_round.png").stat().st_size > 1000
+    assert (out_dir / "accuracy_vs_bytes.png").stat().st_size > 1000
+    assert main(["report", str(tmp_path)]) == 2
+
+
+def test_list_names_everything(capsys) -> None:
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    for name in ("digits", "mnist", "cifar10", "dirichlet", "pathological", "lenet5", "preresnet18", "fedavg"):
+        assert name in out
