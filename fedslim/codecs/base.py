@@ -47,8 +47,7 @@ def pack_exact(tensors: State) -> bytes:
             raise CodecError(f"tensor {name!r}: dtype {t.dtype} cannot be encoded")
         out.append(struct.pack("<H", len(nb)) + nb + struct.pack("<BB", _DTYPES[t.dtype], t.dim()))
         out.append(struct.pack(f"<{t.dim()}I", *t.shape))
-        raw = t.view(torch.uint8) if t.dtype == torch.bfloat16 else t
-        out.append(raw.numpy().tobytes() if t.dtype != torch.bfloat16 else raw.numpy().tobytes())
+        out.append(raw_bytes(t))
     return b"".join(out)
 
 
@@ -69,20 +68,55 @@ def unpack_exact(buf: bytes | memoryview, offset: int = 0) -> tuple[State, int]:
         dtype = _DTYPE_OF[code]
         numel = int(np.prod(shape)) if ndim else 1
         nbytes = numel * torch.empty((), dtype=dtype).element_size()
-        chunk = bytearray(mv[offset:offset + nbytes])
+        res[name] = from_raw(mv[offset:offset + nbytes], dtype, tuple(shape))
         offset += nbytes
-        if dtype == torch.bfloat16:
-            t = torch.frombuffer(chunk, dtype=torch.uint8).view(torch.bfloat16) if nbytes else torch.empty(0, dtype=dtype)
-        else:
-            t = torch.frombuffer(chunk, dtype=dtype) if nbytes else torch.empty(0, dtype=dtype)
-        res[name] = t.reshape(shape)
     return res, offset
 
 
+def raw_bytes(t: torch.Tensor) -> bytes:
+    """The tensor's elements as little-endian bytes (numpy has no bfloat16, so that goes as raw bits)."""
+    t = t.detach().contiguous().cpu().reshape(-1)
+    if t.dtype == torch.bfloat16:
+        t = t.view(torch.int16)
+    return t.numpy().tobytes()
+
+
+def from_raw(buf: bytes | memoryview, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    if len(buf) == 0:
+        return torch.empty(shape, dtype=dtype)
+    chunk = bytearray(buf)  # frombuffer shares memory; a private copy keeps the payload immutable
+    if dtype == torch.bfloat16:
+        return torch.frombuffer(chunk, dtype=torch.int16).view(torch.bfloat16).reshape(shape)
+    return torch.frombuffer(chunk, dtype=dtype).reshape(shape)
+
+
+def float32_size(tensors: State) -> int:
+    """Bytes :class:`ExactCodec` would produce if every floating tensor were float32 (the baseline)."""
+    total = 4
+    for name, t in tensors.items():
+        item = 4 if t.is_floating_point() else t.element_size()
+        total += 2 + len(name.encode()) + 2 + 4 * t.dim() + t.numel() * item
+    return total
+
+
+def ratio_vs_float32(tensors: State, payload: bytes | int) -> float:
+    """How many times smaller than the float32 exact payload ``payload`` is (inf for an empty payload)."""
+    n = payload if isinstance(payload, int) else len(payload)
+    return float32_size(tensors) / n if n else float("inf")
+
+
 class Codec:
-    """Base class. Subclasses override ``encode``/``decode``; stateful ones also the state methods."""
+    """Base class. Subclasses override ``encode``/``decode``; stateful ones also the state methods.
+
+    ``last_stats`` describes the last ``encode`` (at least ``bytes``, ``float32_bytes``,
+    ``ratio_vs_float32``, ``bits``, ``nominal_sparsity``, ``measured_sparsity``, ``rounding_zeros``)
+    so the engine can log it next to the byte count.
+    """
 
     name = "codec"
+
+    def __init__(self) -> None:
+        self.last_stats: dict[str, Any] = {}
 
     def encode(self, tensors: State, ctx: CodecContext) -> bytes:
         raise NotImplementedError
@@ -104,7 +138,12 @@ class ExactCodec(Codec):
 
     def encode(self, tensors: State, ctx: CodecContext) -> bytes:
         check_finite(tensors, ctx)
-        return pack_exact(tensors)
+        payload = pack_exact(tensors)
+        f32 = float32_size(tensors)
+        self.last_stats = {"codec": self.name, "bytes": len(payload), "float32_bytes": f32,
+                           "ratio_vs_float32": f32 / len(payload), "bits": 32, "nominal_sparsity": None,
+                           "measured_sparsity": None, "rounding_zeros": 0}
+        return payload
 
     def decode(self, payload: bytes, ctx: CodecContext) -> State:
         state, _ = unpack_exact(payload)
@@ -114,5 +153,8 @@ class ExactCodec(Codec):
 def check_finite(tensors: State, ctx: CodecContext) -> None:
     for name, t in tensors.items():
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            who = "server" if ctx.direction == "down" else f"client {ctx.client}"
-            raise CodecError(f"round {ctx.round}: {who} tried to send tensor {name!r} containing NaN or Inf")
+            who = (f"server (to client {ctx.client})" if ctx.client >= 0 else "server") \
+                if ctx.direction == "down" else f"client {ctx.client}"
+            bad = int((~torch.isfinite(t)).sum())
+            raise CodecError(f"round {ctx.round}: {who} tried to send tensor {name!r} containing NaN or Inf "
+                             f"({bad} of {t.numel()} elements)")
