@@ -16,6 +16,7 @@ Conventions every family follows (other packages rely on them):
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -142,9 +143,9 @@ COMMON_OPTIONS: dict[str, Any] = {
 
 
 def check_common_args(model: str, num_classes: int, width: float) -> None:
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+    if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) or num_classes < 1:
         raise ValueError(f"model '{model}': num_classes must be a positive integer, got {num_classes!r}")
-    if isinstance(width, bool) or not isinstance(width, int | float) or not (width > 0 and math.isfinite(width)):
+    if isinstance(width, bool) or not isinstance(width, numbers.Real) or not (width > 0 and math.isfinite(width)):
         raise ValueError(f"model.width: must be a finite number > 0 for model '{model}', got {width!r}")
 
 
@@ -166,12 +167,12 @@ def parse_options(model: str, options: Mapping[str, Any], defaults: Mapping[str,
         raise bad("track_running_stats", "must be true or false")
     if "scaler_rate" in out:
         r = out["scaler_rate"]
-        if isinstance(r, bool) or not isinstance(r, int | float) or not (r > 0 and math.isfinite(r)):
+        if isinstance(r, bool) or not isinstance(r, numbers.Real) or not (r > 0 and math.isfinite(r)):
             raise bad("scaler_rate", "must be a finite number > 0")
         out["scaler_rate"] = float(r)
     if "dropout" in out:
         p = out["dropout"]
-        if isinstance(p, bool) or not isinstance(p, int | float) or not 0 <= p < 1:
+        if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0 <= p < 1:
             raise bad("dropout", "must be a number in [0, 1)")
         out["dropout"] = float(p)
     return out

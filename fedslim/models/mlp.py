@@ -10,7 +10,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedslim.models.layers import COMMON_OPTIONS, Scaler, check_common_args, init_weights, make_norm, parse_options, scaled
+from fedslim.models.layers import (
+    COMMON_OPTIONS,
+    Scaler,
+    check_common_args,
+    init_weights,
+    make_norm,
+    parse_options,
+    scaled,
+)
 from fedslim.registry import MODELS
 
 HIDDEN = (200, 200)

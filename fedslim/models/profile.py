@@ -50,12 +50,6 @@ def _float_state_numel(model: nn.Module) -> int:
 def _hashable(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return tuple(_hashable(v) for v in value)
-    if isinstance(value, dict):
-        return tuple(sorted((k, _hashable(v)) for k, v in value.items()))
-    return value
-
-
-def _unhashable(value: Any) -> Any:
     return value
 
 
