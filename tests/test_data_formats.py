@@ -1,0 +1,436 @@
+"""File formats and dataset loaders: real MNIST-family files, tiny CIFAR / image-folder fixtures."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import os
+import pickle
+import struct
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fedslim.data import DataError, formats, load_dataset
+from fedslim.data import datasets as ds
+from fedslim.registry import UnknownNameError
+
+SHARED = Path(os.environ.get("FEDSLIM_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+needs_shared = pytest.mark.skipif(not (SHARED / "mnist").is_dir(), reason="shared data folder not present")
+IDX_NAMES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+             "t10k-labels-idx1-ubyte"]
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+
+def idx_bytes(arr: np.ndarray) -> bytes:
+    magic = 0x0800 | arr.ndim
+    return struct.pack(">I", magic) + struct.pack(f">{arr.ndim}I", *arr.shape) + arr.astype(np.uint8).tobytes()
+
+
+def write_tiny_idx(folder: Path, n_train: int = 30, n_test: int = 10, gz: bool = True) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(1)
+    arrays = {
+        "train-images-idx3-ubyte": rng.integers(0, 256, (n_train, 28, 28), dtype=np.uint8),
+        "train-labels-idx1-ubyte": (np.arange(n_train) % 10).astype(np.uint8),
+        "t10k-images-idx3-ubyte": rng.integers(0, 256, (n_test, 28, 28), dtype=np.uint8),
+        "t10k-labels-idx1-ubyte": (np.arange(n_test) % 10).astype(np.uint8),
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, arr in arrays.items():
+        data = idx_bytes(arr)
+        if gz:
+            (folder / f"{name}.gz").write_bytes(gzip.compress(data))
+        else:
+            (folder / name).write_bytes(data)
+    return arrays
+
+
+def write_cifar_batches(folder: Path, per_batch: int = 4) -> dict[str, tuple[np.ndarray, list[int]]]:
+    """Batches in the original format: a Python-2 style dict with bytes keys, 'data' (N, 3072) uint8."""
+    rng = np.random.default_rng(2)
+    folder.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for i, name in enumerate([*(f"data_batch_{k}" for k in range(1, 6)), "test_batch"]):
+        data = rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8)
+        labels = [int(v) for v in (np.arange(per_batch) + i) % 10]
+        blob = {b"batch_label": name.encode(), b"labels": labels, b"data": data,
+                b"filenames": [b"x.png"] * per_batch}
+        (folder / name).write_bytes(pickle.dumps(blob, protocol=2))
+        out[name] = (data, labels)
+    meta = {b"label_names": [n.encode() for n in ds.CIFAR10_CLASSES], b"num_cases_per_batch": per_batch}
+    (folder / "batches.meta").write_bytes(pickle.dumps(meta, protocol=2))
+    return out
+
+
+def write_image_tree(tree: Path, classes: list[str], per_class: int, size: tuple[int, int] = (5, 4),
+                     mode: str = "RGB", ext: str = "png") -> dict[Path, np.ndarray]:
+    rng = np.random.default_rng(3)
+    written = {}
+    for split in ("train", "test"):
+        for c in classes:
+            d = tree / split / c
+            d.mkdir(parents=True, exist_ok=True)
+            for k in range(per_class):
+                shape = (size[1], size[0], 3) if mode == "RGB" else (size[1], size[0])
+                arr = rng.integers(0, 256, shape, dtype=np.uint8)
+                Image.fromarray(arr, mode).save(d / f"{k:04d}.{ext}")
+                written[d / f"{k:04d}.{ext}"] = arr
+    return written
+
+
+# ---------------------------------------------------------------------------------------------
+# IDX: real files
+
+
+@needs_shared
+def test_idx_parse_of_shared_mnist_matches_the_known_dataset() -> None:
+    d = SHARED / "mnist"
+    xtr = formats.read_idx_images(d / "train-images-idx3-ubyte.gz")
+    ytr = formats.read_idx_labels(d / "train-labels-idx1-ubyte.gz")
+    xte = formats.read_idx_images(d / "t10k-images-idx3-ubyte.gz")
+    yte = formats.read_idx_labels(d / "t10k-labels-idx1-ubyte.gz")
+    assert xtr.shape == (60000, 28, 28) and xtr.dtype == np.uint8
+    assert xte.shape == (10000, 28, 28)
+    assert ytr.shape == (60000,) and yte.shape == (10000,)
+    assert set(np.unique(ytr)) == set(range(10)) == set(np.unique(yte))
+    assert abs(xtr.mean() / 255.0 - 0.1307) < 5e-4
+    assert int(ytr[0]) == 5 and int(yte[0]) == 7  # the well-known first labels
+
+
+@needs_shared
+def test_load_mnist_is_normalised_nchw_and_subsets_take_the_first_samples() -> None:
+    b = load_dataset("mnist", SHARED)
+    assert (len(b.train), len(b.test), b.input_shape, b.num_classes) == (60000, 10000, (1, 28, 28), 10)
+    assert b.train.x.dtype == torch.float32 and b.train.y.dtype == torch.int64
+    assert abs(b.train.x.mean().item()) < 1e-3 and abs(b.train.x.std().item() - 1.0) < 1e-3
+    small = load_dataset("mnist", SHARED, train_subset=100, test_subset=7)
+    assert len(small.train) == 100 and len(small.test) == 7
+    assert torch.equal(small.train.x, b.train.x[:100]) and torch.equal(small.test.y, b.test.y[:7])
+    with pytest.raises(ValueError, match="data.train_subset"):
+        load_dataset("mnist", SHARED, train_subset=60001)
+
+
+@needs_shared
+def test_uncompressed_idx_loads_the_same_as_gzip(tmp_path: Path) -> None:
+    raw = tmp_path / "mnist"
+    raw.mkdir()
+    for name in IDX_NAMES:
+        (raw / name).write_bytes(gzip.decompress((SHARED / "mnist" / f"{name}.gz").read_bytes()))
+    a = load_dataset("mnist", tmp_path)
+    b = load_dataset("mnist", SHARED)
+    assert torch.equal(a.train.x, b.train.x) and torch.equal(a.test.y, b.test.y)
+
+
+@needs_shared
+def test_torchvision_raw_layout_is_found(tmp_path: Path) -> None:
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for name in IDX_NAMES:
+        (raw / f"{name}.gz").symlink_to(SHARED / "mnist" / f"{name}.gz")
+    b = load_dataset("mnist", tmp_path, test_subset=10)
+    assert len(b.train) == 60000 and b.test.y[:3].tolist() == [7, 2, 1]
+
+
+@needs_shared
+def test_fmnist_loads_with_class_names_and_refuses_mnist_files() -> None:
+    b = load_dataset("fmnist", SHARED)
+    assert len(b.train) == 60000 and b.class_names[0] == "T-shirt/top" and b.class_names[9] == "Ankle boot"
+    # Same file names, other dataset: the label content gives it away.
+    with pytest.raises(DataError, match="mnist labels, not fmnist"):
+        load_dataset("fmnist", SHARED / "mnist")
+
+
+# ---------------------------------------------------------------------------------------------
+# IDX: broken files
+
+
+def test_tiny_idx_round_trip_gz_and_raw(tmp_path: Path) -> None:
+    arrays = write_tiny_idx(tmp_path / "a" / "mnist", gz=True)
+    write_tiny_idx(tmp_path / "b", gz=False)  # directly in the root, uncompressed
+    for root in (tmp_path / "a", tmp_path / "b"):
+        b = load_dataset("mnist", root, options={"normalize": False})
+        expect = torch.from_numpy(arrays["train-images-idx3-ubyte"]).float()[:, None] / 255
+        assert torch.allclose(b.train.x, expect)
+        assert b.test.y.tolist() == arrays["t10k-labels-idx1-ubyte"].tolist()
+
+
+def test_truncated_idx_names_the_file(tmp_path: Path) -> None:
+    write_tiny_idx(tmp_path / "mnist")
+    f = tmp_path / "mnist" / "train-images-idx3-ubyte.gz"
+    f.write_bytes(gzip.compress(gzip.decompress(f.read_bytes())[:1000]))
+    with pytest.raises(DataError) as e:
+        load_dataset("mnist", tmp_path)
+    assert str(f) in str(e.value) and "truncated" in str(e.value) and "found 1000" in str(e.value)
+
+
+def test_wrong_magic_names_the_file_and_both_magics(tmp_path: Path) -> None:
+    write_tiny_idx(tmp_path / "mnist")
+    d = tmp_path / "mnist"
+    # A labels file where the images should be.
+    (d / "t10k-images-idx3-ubyte.gz").write_bytes((d / "t10k-labels-idx1-ubyte.gz").read_bytes())
+    with pytest.raises(DataError) as e:
+        load_dataset("mnist", tmp_path)
+    msg = str(e.value)
+    assert str(d / "t10k-images-idx3-ubyte.gz") in msg
+    assert "wrong magic 0x00000801, expected 0x00000803 (IDX images)" in msg
+
+
+def test_corrupt_gzip_names_the_file(tmp_path: Path) -> None:
+    write_tiny_idx(tmp_path / "mnist")
+    f = tmp_path / "mnist" / "train-labels-idx1-ubyte.gz"
+    data = bytearray(f.read_bytes())
+    f.write_bytes(bytes(data[: len(data) // 2]))  # cut mid-stream
+    with pytest.raises(DataError, match="corrupt gzip") as e:
+        load_dataset("mnist", tmp_path)
+    assert str(f) in str(e.value)
+    f.write_bytes(b"plain bytes, no gzip header")
+    with pytest.raises(DataError, match="not a gzip file"):
+        formats.read_idx_labels(f)
+
+
+def test_missing_dataset_says_where_it_looked_and_how_to_download(tmp_path: Path) -> None:
+    with pytest.raises(DataError) as e:
+        load_dataset("mnist", tmp_path)
+    msg = str(e.value)
+    assert str(tmp_path / "mnist") in msg and str(tmp_path / "MNIST" / "raw") in msg
+    assert "fedslim data download mnist --to DIR" in msg
+
+
+def test_partial_idx_folder_names_the_missing_file(tmp_path: Path) -> None:
+    write_tiny_idx(tmp_path / "mnist")
+    (tmp_path / "mnist" / "t10k-labels-idx1-ubyte.gz").unlink()
+    with pytest.raises(DataError, match="t10k-labels-idx1-ubyte"):
+        load_dataset("mnist", tmp_path)
+
+
+def test_data_root_defaults_to_env_then_dot_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write_tiny_idx(tmp_path / "env" / "mnist", n_train=12)
+    monkeypatch.setenv("FEDSLIM_DATA", str(tmp_path / "env"))
+    assert len(load_dataset("mnist").train) == 12
+    monkeypatch.delenv("FEDSLIM_DATA")
+    monkeypatch.chdir(tmp_path)
+    write_tiny_idx(tmp_path / "data" / "mnist", n_train=14)
+    assert len(load_dataset("mnist").train) == 14
+    assert ds.resolve_root(None) == Path("data")
+
+
+# ---------------------------------------------------------------------------------------------
+# CIFAR-10 pickles
+
+
+def test_cifar_pickle_batches_load_in_nchw_order(tmp_path: Path) -> None:
+    batches = write_cifar_batches(tmp_path / "cifar-10-batches-py")
+    b = load_dataset("cifar10", tmp_path, options={"normalize": False})
+    assert (len(b.train), len(b.test), b.input_shape) == (20, 4, (3, 32, 32))
+    assert b.class_names == ds.CIFAR10_CLASSES
+    data, labels = batches["data_batch_2"]
+    # Row layout: 1024 red, 1024 green, 1024 blue, each row-major; sample 0 of batch 2 is train[4].
+    flat = data[0]
+    assert b.train.x[4, 1, 2, 3].item() == pytest.approx(flat[1024 + 2 * 32 + 3] / 255.0)
+    assert b.train.y[4:8].tolist() == labels
+    assert b.test.y.tolist() == batches["test_batch"][1]
+
+
+def test_cifar_python_tarball_is_unpacked_once(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    write_cifar_batches(src / "cifar-10-batches-py")
+    root = tmp_path / "root"
+    root.mkdir()
+    with tarfile.open(root / "cifar-10-python.tar.gz", "w:gz") as tf:
+        tf.add(src / "cifar-10-batches-py", arcname="cifar-10-batches-py")
+    a = load_dataset("cifar10", root)
+    assert (root / "cifar-10-batches-py" / "test_batch").is_file()
+    assert not [p for p in root.iterdir() if p.name.startswith(".")]  # no temporary folder left
+    (root / "cifar-10-python.tar.gz").unlink()  # second load reads the unpacked folder
+    b = load_dataset("cifar10", root)
+    assert torch.equal(a.train.x, b.train.x)
+
+
+def test_hostile_pickle_is_refused_without_running(tmp_path: Path) -> None:
+    write_cifar_batches(tmp_path / "cifar-10-batches-py")
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):  # type: ignore[no-untyped-def]
+            return (os.mkdir, (str(marker),))
+
+    bad = tmp_path / "cifar-10-batches-py" / "data_batch_3"
+    bad.write_bytes(pickle.dumps({b"data": Evil(), b"labels": []}))
+    with pytest.raises(DataError, match="refusing to load global") as e:
+        load_dataset("cifar10", tmp_path)
+    assert str(bad) in str(e.value) and not marker.exists()
+
+
+def test_truncated_cifar_pickle_names_the_file(tmp_path: Path) -> None:
+    write_cifar_batches(tmp_path / "cifar-10-batches-py")
+    bad = tmp_path / "cifar-10-batches-py" / "test_batch"
+    bad.write_bytes(bad.read_bytes()[:500])
+    with pytest.raises(DataError, match="corrupt or unsupported pickle") as e:
+        load_dataset("cifar10", tmp_path)
+    assert str(bad) in str(e.value)
+
+
+def test_cifar_missing_lists_every_accepted_layout(tmp_path: Path) -> None:
+    with pytest.raises(DataError) as e:
+        load_dataset("cifar10", tmp_path)
+    for want in ("cifar-10-batches-py/", "cifar-10-python.tar.gz", "cifar10-jpeg/", "cifar10-jpeg.tar.gz",
+                 "fedslim data download cifar10"):
+        assert want in str(e.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# image folders
+
+
+def test_image_folder_loads_sorted_classes_and_exact_pixels(tmp_path: Path) -> None:
+    tree = tmp_path / "imgs"
+    written = write_image_tree(tree, ["dog", "cat"], per_class=3)
+    b = load_dataset("imagefolder", options={"path": str(tree), "normalize": False, "shuffle": False})
+    assert b.class_names == ["cat", "dog"] and b.input_shape == (3, 4, 5)
+    assert b.train.y.tolist() == [0, 0, 0, 1, 1, 1]
+    first_dog = written[tree / "train" / "dog" / "0000.png"]
+    assert torch.allclose(b.train.x[3], torch.from_numpy(first_dog).permute(2, 0, 1).float() / 255)
+    shuffled = load_dataset("imagefolder", tmp_path / "imgs")  # data.root works as well as options.path
+    assert sorted(shuffled.train.y.tolist()) == [0, 0, 0, 1, 1, 1]
+    assert abs(shuffled.train.x.mean().item()) < 1e-4  # normalised with the folder's own statistics
+
+
+def test_grey_image_folder_has_one_channel(tmp_path: Path) -> None:
+    write_image_tree(tmp_path, ["a", "b"], per_class=2, mode="L")
+    assert load_dataset("imagefolder", tmp_path).input_shape == (1, 4, 5)
+
+
+def test_image_folder_size_mismatch_names_the_first_odd_file(tmp_path: Path) -> None:
+    write_image_tree(tmp_path, ["a", "b"], per_class=2)
+    odd = tmp_path / "train" / "b" / "0001.png"
+    Image.new("RGB", (6, 4)).save(odd)
+    with pytest.raises(DataError, match="6x4 with 3 channels, expected 5x4") as e:
+        load_dataset("imagefolder", tmp_path)
+    assert str(e.value).startswith(str(odd))
+
+
+def test_undecodable_image_names_the_file(tmp_path: Path) -> None:
+    write_image_tree(tmp_path, ["a"], per_class=2)
+    bad = tmp_path / "test" / "a" / "0001.png"
+    bad.write_bytes(b"not a png")
+    with pytest.raises(DataError, match="cannot decode image") as e:
+        load_dataset("imagefolder", tmp_path)
+    assert str(bad) in str(e.value)
+
+
+def test_image_folder_cache_is_reused_then_invalidated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tree = tmp_path / "imgs"
+    write_image_tree(tree, ["a", "b"], per_class=2)
+    first = load_dataset("imagefolder", options={"path": str(tree), "cache": True})
+    cache = tmp_path / "imgs.npz"
+    assert cache.is_file()
+
+    real_decode = formats.decode_image
+    calls = []
+
+    def counting(data, where):  # type: ignore[no-untyped-def]
+        calls.append(where)
+        return real_decode(data, where)
+
+    monkeypatch.setattr(formats, "decode_image", counting)
+    again = load_dataset("imagefolder", options={"path": str(tree), "cache": True})
+    assert calls == [] and torch.equal(first.train.x, again.train.x)
+    Image.new("RGB", (5, 4), (255, 0, 0)).save(tree / "train" / "a" / "0099.png")
+    grown = load_dataset("imagefolder", options={"path": str(tree), "cache": True})
+    assert len(grown.train) == 5 and len(calls) == 9  # everything decoded again, cache rewritten
+    calls.clear()
+    load_dataset("imagefolder", options={"path": str(tree), "cache": True})
+    assert calls == []
+
+
+def test_cifar10_jpeg_tree_and_tarball(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    classes = ds.CIFAR10_CLASSES
+    src = tmp_path / "src"
+    write_image_tree(src / "cifar10-jpeg", classes, per_class=2, size=(32, 32), ext="jpg")
+    from_tree = load_dataset("cifar10", src, options={"source": "jpeg"})
+    assert (len(from_tree.train), len(from_tree.test), from_tree.input_shape) == (20, 20, (3, 32, 32))
+    assert (src / "cifar10-jpeg.npz").is_file()
+
+    root = tmp_path / "root"
+    root.mkdir()
+    with tarfile.open(root / "cifar10-jpeg.tar.gz", "w:gz") as tf:
+        tf.add(src / "cifar10-jpeg", arcname="cifar10-jpeg")
+    from_tar = load_dataset("cifar10", root)
+    assert torch.equal(from_tar.train.x, from_tree.train.x) and torch.equal(from_tar.test.y, from_tree.test.y)
+    assert (root / "cifar10-jpeg.npz").is_file() and not (root / "cifar10-jpeg").exists()
+
+    def no_decode(*_a, **_k):  # type: ignore[no-untyped-def]
+        raise AssertionError("decoded although the cache is fresh")
+
+    monkeypatch.setattr(formats, "decode_image", no_decode)
+    cached = load_dataset("cifar10", root)
+    assert torch.equal(cached.train.x, from_tree.train.x)
+
+
+def test_corrupt_tarball_names_the_archive(tmp_path: Path) -> None:
+    (tmp_path / "cifar10-jpeg.tar.gz").write_bytes(gzip.compress(b"x" * 600)[:40])
+    with pytest.raises(DataError, match="corrupt or truncated archive") as e:
+        load_dataset("cifar10", tmp_path)
+    assert str(tmp_path / "cifar10-jpeg.tar.gz") in str(e.value)
+
+
+@pytest.mark.slow
+@needs_shared
+def test_real_cifar10_jpeg_tarball(tmp_path: Path) -> None:
+    (tmp_path / "cifar10-jpeg.tar.gz").symlink_to(SHARED / "cifar10-jpeg.tar.gz")
+    b = load_dataset("cifar10", tmp_path, options={"normalize": False})
+    assert (len(b.train), len(b.test)) == (50000, 10000)
+    mean = b.train.x.mean(dim=(0, 2, 3))
+    assert torch.allclose(mean, torch.tensor([0.491, 0.482, 0.447]), atol=3e-3)
+    assert np.bincount(b.test.y.numpy()).tolist() == [1000] * 10
+
+
+# ---------------------------------------------------------------------------------------------
+# built-in datasets and options
+
+
+def test_digits_split_is_stratified_and_fixed() -> None:
+    a = load_dataset("digits")
+    b = load_dataset("digits")
+    assert (len(a.train), len(a.test), a.input_shape) == (1437, 360, (1, 8, 8))
+    assert torch.equal(a.train.x, b.train.x) and torch.equal(a.test.y, b.test.y)
+    counts = np.bincount(a.test.y.numpy(), minlength=10)
+    assert counts.min() >= 35 and counts.max() <= 37  # ~10 % of each class of ~180
+    other = load_dataset("digits", options={"split_seed": 1})
+    assert not torch.equal(other.test.y, a.test.y)
+
+
+def test_synthetic_shape_classes_and_seed() -> None:
+    opts = {"num_samples": 60, "test_samples": 30, "num_classes": 3, "shape": [3, 4, 4]}
+    a = load_dataset("synthetic", options=opts)
+    assert a.train.x.shape == (60, 3, 4, 4) and a.input_shape == (3, 4, 4) and a.num_classes == 3
+    assert np.bincount(a.train.y.numpy()).tolist() == [20, 20, 20]
+    assert torch.equal(a.train.x, load_dataset("synthetic", options=opts).train.x)
+    assert not torch.equal(a.train.x, load_dataset("synthetic", options={**opts, "seed": 1}).train.x)
+    # Learnable: nearest class mean on train labels classifies the test split well.
+    means = torch.stack([a.train.x[a.train.y == c].mean(0) for c in range(3)]).flatten(1)
+    pred = torch.cdist(a.test.x.flatten(1), means).argmin(1)
+    assert (pred == a.test.y).float().mean() > 0.9
+
+
+def test_unknown_option_and_wrong_type_are_named() -> None:
+    with pytest.raises(ValueError, match=r"data\.options\.bogus: unknown option .*allowed: normalize"):
+        load_dataset("mnist", options={"bogus": 1})
+    with pytest.raises(ValueError, match=r"data\.options\.num_classes: expected an integer"):
+        load_dataset("synthetic", options={"num_classes": "ten"})
+    with pytest.raises(UnknownNameError, match="did you mean 'mnist'"):
+        load_dataset("mnsit")
+
+
+def test_parse_idx_rejects_trailing_bytes() -> None:
+    data = idx_bytes(np.zeros(5, np.uint8)) + b"\0"
+    with pytest.raises(DataError, match="trailing data: expected 13 bytes"):
+        formats.parse_idx(data, Path("x"), formats.IDX_LABELS)
+    assert formats.parse_idx(io.BytesIO(data[:-1]).read(), Path("x"), formats.IDX_LABELS).shape == (5,)
