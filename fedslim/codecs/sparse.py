@@ -38,8 +38,11 @@ def gaps_of(indices: np.ndarray) -> np.ndarray:
 
 def _varint_lengths(values: np.ndarray) -> np.ndarray:
     n = np.ones(values.shape, dtype=np.int64)
-    for k in range(1, 10):  # 64-bit values need at most 10 groups of 7 bits
-        n += values >= (np.uint64(1) << np.uint64(7 * k))
+    top = int(values.max()) if values.size else 0
+    k = 1
+    while k < 10 and top >= 1 << (7 * k):  # 64-bit values need at most 10 groups of 7 bits
+        n += values >= np.uint64(1 << (7 * k))
+        k += 1
     return n
 
 
