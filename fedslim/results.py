@@ -40,6 +40,10 @@ def to_json(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=_default)
 
 
+def to_json_pretty(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, indent=2, default=_default)
+
+
 def _default(o: Any) -> Any:
     if isinstance(o, torch.Tensor):
         return o.tolist()
