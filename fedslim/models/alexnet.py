@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fedslim.models.coupling import Member, chain_groups
 from fedslim.models.layers import (
     COMMON_OPTIONS,
     Scaler,
@@ -58,6 +59,10 @@ class AlexNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.fc(self.flatten(self.pool(self.features(x)))))
+
+    def channel_groups(self) -> list[list[Member]]:
+        """Coupled channel dimensions (see :mod:`fedslim.models.coupling`): a plain chain."""
+        return chain_groups(self)
 
 
 @MODELS.register("alexnet", "AlexNet for CIFAR/MNIST (HybridCompFL layout, ~57 M params); inputs >= 4x4")

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fedslim.models.coupling import Member, chain_groups
 from fedslim.models.layers import (
     COMMON_OPTIONS,
     Scaler,
@@ -51,6 +52,10 @@ class HeteroFLConv(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.blocks[-1](self.dropout(self.blocks[:-1](x)))
+
+    def channel_groups(self) -> list[list[Member]]:
+        """Coupled channel dimensions (see :mod:`fedslim.models.coupling`): a plain chain."""
+        return chain_groups(self)
 
 
 @MODELS.register("heterofl_cnn", "HeteroFL's conv model (64-128-256-512, Scaler, BN); inputs >= 8x8")

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fedslim.models.coupling import Member, chain_groups
 from fedslim.models.layers import (
     COMMON_OPTIONS,
     Scaler,
@@ -72,6 +73,10 @@ class LeNet5(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.dropout(self.fc(self.flatten(self.features(x)))))
+
+    def channel_groups(self) -> list[list[Member]]:
+        """Coupled channel dimensions (see :mod:`fedslim.models.coupling`): a plain chain."""
+        return chain_groups(self)
 
 
 @MODELS.register("lenet5", "LeNet-5 (LeCun 1998), 28x28/32x32 grey or RGB, also 8x8")

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fedslim.models.coupling import Member, chain_groups
 from fedslim.models.layers import (
     COMMON_OPTIONS,
     Scaler,
@@ -43,6 +44,10 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.dropout(self.features(self.flatten(x))))
+
+    def channel_groups(self) -> list[list[Member]]:
+        """Coupled channel dimensions (see :mod:`fedslim.models.coupling`): a plain chain."""
+        return chain_groups(self)
 
 
 @MODELS.register("mlp", "MLP 200-200 (McMahan et al. 2017); any input shape, flattened")

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fedslim.models.coupling import CouplingBuilder, Member
 from fedslim.models.layers import (
     COMMON_OPTIONS,
     Scaler,
@@ -120,6 +121,27 @@ class MobileNetV2(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.head(self.blocks(self.stem(x)))
         return self.classifier(self.dropout(self.flatten(self.pool(out))))
+
+    def channel_groups(self) -> list[list[Member]]:
+        """Coupled channel dimensions (see :mod:`fedslim.models.coupling`). The depthwise convolution
+        keeps its input channels; an identity residual ties a block's output to its input."""
+        b = CouplingBuilder(self)
+
+        def conv_bn(name: str, seq: nn.Sequential, g_in: int | None) -> int:
+            g = b.layer(f"{name}.0", seq[0], g_in)
+            b.norm(f"{name}.2", seq[2], g)
+            return g
+
+        g = conv_bn("stem", self.stem, None)
+        for i, block in enumerate(self.blocks):
+            p = f"blocks.{i}"
+            h = conv_bn(f"{p}.expand", block.expand, g) if block.expand is not None else g
+            h = conv_bn(f"{p}.depthwise", block.depthwise, h)
+            out = conv_bn(f"{p}.project", block.project, h)
+            g = b.tie(out, g) if block.residual else out
+        g = conv_bn("head", self.head, g)
+        b.head("classifier", self.classifier, g)
+        return b.groups()
 
 
 @MODELS.register("mobilenetv2", "MobileNet-V2 for CIFAR (stride-1 stem, inverted residuals); any input size")

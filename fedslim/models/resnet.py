@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from fedslim.models.coupling import CouplingBuilder, Member
 from fedslim.models.layers import (
     COMMON_OPTIONS,
     Scaler,
@@ -89,6 +90,27 @@ class PreActResNet(nn.Module):
         out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
         out = F.relu(self.n4(self.scaler(out)))
         return self.linear(self.dropout(self.flatten(self.pool(out))))
+
+    def channel_groups(self) -> list[list[Member]]:
+        """Coupled channel dimensions (see :mod:`fedslim.models.coupling`). A block's output is
+        ``conv2 + shortcut``: conv2's outputs are tied to the projection's outputs, or, without a
+        projection, to the block's input channels, so a whole run of identity blocks shares one group."""
+        b = CouplingBuilder(self)
+        g = b.layer("conv1", self.conv1, None)
+        for s, stage in enumerate((self.layer1, self.layer2, self.layer3, self.layer4), start=1):
+            for j, block in enumerate(stage):
+                p = f"layer{s}.{j}"
+                b.norm(f"{p}.n1", block.n1, g)
+                h = b.layer(f"{p}.conv1", block.conv1, g)
+                b.norm(f"{p}.n2", block.n2, h)
+                out = b.layer(f"{p}.conv2", block.conv2, h)
+                if block.shortcut is not None:
+                    g = b.tie(out, b.layer(f"{p}.shortcut", block.shortcut, g))
+                else:
+                    g = b.tie(out, g)
+        b.norm("n4", self.n4, g)
+        b.head("linear", self.linear, g)
+        return b.groups()
 
 
 @MODELS.register("preresnet18", "Pre-activation ResNet-18 as in HeteroFL (64-128-256-512); any input size")

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fedslim.models.coupling import Member, chain_groups
 from fedslim.models.layers import (
     COMMON_OPTIONS,
     Scaler,
@@ -49,6 +50,10 @@ class TwoCNN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.dropout(self.fc(self.flatten(self.features(x)))))
+
+    def channel_groups(self) -> list[list[Member]]:
+        """Coupled channel dimensions (see :mod:`fedslim.models.coupling`): a plain chain."""
+        return chain_groups(self)
 
 
 @MODELS.register("twocnn", "CNN of McMahan et al. 2017 (conv5x5 32/64, fc 512); inputs >= 4x4")

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fedslim.models.coupling import Member, chain_groups
 from fedslim.models.layers import (
     COMMON_OPTIONS,
     Scaler,
@@ -49,6 +50,10 @@ class VGG(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.dropout(self.flatten(self.pool(self.features(x)))))
+
+    def channel_groups(self) -> list[list[Member]]:
+        """Coupled channel dimensions (see :mod:`fedslim.models.coupling`): a plain chain."""
+        return chain_groups(self)
 
 
 @MODELS.register("vgg16", "VGG-16 with BN for CIFAR (13 conv + linear); inputs >= 32x32")

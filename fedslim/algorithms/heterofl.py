@@ -1,0 +1,358 @@
+"""HeteroFL — Diao, Ding & Tarokh, "HeteroFL: Computation and Communication Efficient Federated
+Learning for Heterogeneous Clients", ICLR 2021 (reference code: github.com/diaoenmao/HeteroFL).
+
+Each client trains the sub-model of width ``rate`` cut from the global model (the first
+``ceil(rate * C)`` channels of every hidden layer; the classifier keeps all classes), with a Scaler
+dividing activations by ``rate`` during training, static BatchNorm (batch statistics only, nothing
+tracked) and, for label-skewed data, cross-entropy on masked logits (classes the client lacks set
+to 0). The server averages each global element over the clients whose sub-model holds it (in the
+output layer only the rows of each client's labels), leaves the rest alone, and before evaluation
+obtains BatchNorm statistics for every rate level by querying clients.
+
+Where this departs from the reference code, and why:
+
+* BN statistics come from a query of the clients' statistics over their local data (the paper's
+  privacy-preserving sBN), pooled exactly (count-weighted means and variances), not from a pass of
+  the server over the central training set, which a federated server does not have. The query is
+  real traffic and its bytes are reported (``bn_query`` in metrics and summary).
+* The global model's rate is the largest rate in ``model_split`` (the reference takes the first
+  letter, which is the largest in every published setting).
+* Fixed assignment splits clients into levels by largest remainder (the reference floors the
+  shares and pads with the last level); dynamic assignment re-draws each client's level every
+  round from the proportions, as the reference does, from a seeded stream.
+* Clients return deltas; the sum-and-count mean of ``start + delta`` over holders equals the
+  reference's mean of the returned parameters, and lets a server optimizer act on the update.
+  ``weighted: true`` weights each holder by its sample count (the reference counts clients).
+* Local accuracy is measured on each client's held-out local split (``data.local_test_fraction``)
+  with its own level's model, logits outside its labels excluded; the reference uses the global
+  model on a label-matched share of the central test set (``local_model: global`` picks the global
+  model here).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+
+from fedslim.algorithms.base import Algorithm
+from fedslim.algorithms.submodel import (
+    ChannelLayout,
+    Contribution,
+    IndexPlan,
+    combine,
+    extract,
+    merge_bn_stats,
+    state_shapes,
+)
+from fedslim.codecs import pack_exact
+from fedslim.config import RunConfig
+from fedslim.devices import split_counts
+from fedslim.engine.server_opt import ServerOptimizer
+from fedslim.engine.task import ClientResult, ClientTask, ModelSpec, State
+from fedslim.models.layers import batch_norms
+from fedslim.registry import ALGORITHMS
+from fedslim.rng import np_gen
+
+PAPER_RATES = {"a": 1.0, "b": 0.5, "c": 0.25, "d": 0.125, "e": 0.0625}
+_SPLIT = re.compile(r"^[A-Za-z]\d*(-[A-Za-z]\d*)*$")
+# Partitions that keep every client's label distribution close to the population's.
+_LABEL_BALANCED = {"iid", "quantity"}
+
+
+def parse_model_split(text: str, rates: dict[str, float]) -> list[tuple[str, float, int]]:
+    """'a1-b1-c1' -> [(letter, rate, share)]; a letter without a number has share 1."""
+    form = ("expected levels like 'a1-b1-c1-d1-e1' or 'a2-b8' (a letter from rates "
+            f"{{{', '.join(sorted(rates))}}} with an optional integer share, joined by '-')")
+    if not isinstance(text, str) or not _SPLIT.match(text.strip()):
+        raise ValueError(f"{form}, got {text!r}")
+    out, seen = [], set()
+    for part in text.strip().split("-"):
+        letter, share = part[0], int(part[1:] or 1)
+        if letter not in rates:
+            raise ValueError(f"{form}; '{letter}' is not in rates, got {text!r}")
+        if letter in seen:
+            raise ValueError(f"{form}; '{letter}' appears twice, got {text!r}")
+        if share < 1:
+            raise ValueError(f"{form}; shares must be >= 1, got {text!r}")
+        seen.add(letter)
+        out.append((letter, float(rates[letter]), share))
+    return out
+
+
+class HeteroFLParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    rates: dict[str, float] = Field(default_factory=lambda: dict(PAPER_RATES),
+                                    description="width rate of each level letter")
+    model_split: str | None = Field(
+        None, description="levels and shares in the paper's notation ('a1-b1-c1-d1-e1', 'a2-b8'); "
+                          "none: one level per devices.tiers entry, at its width, assigned as the devices are")
+    assignment: Literal["fixed", "dynamic"] = Field(
+        "fixed", description="fixed: levels by client index; dynamic: re-drawn every round (model_split only)")
+    static_bn: bool = Field(True, description="no running BN statistics in training; query clients before eval")
+    scaler: bool = Field(True, description="divide activations by rate / global rate while training")
+    masked_loss: bool | Literal["auto"] = Field(
+        "auto", description="cross-entropy on logits masked to the client's labels; auto: unless the "
+                            "partition is iid or quantity")
+    label_rows: bool = Field(True, description="output-layer rows updated only from clients holding the label")
+    weighted: bool = Field(False, description="weight holders by sample count (reference: plain count)")
+    bn_query_clients: Literal["all", "cohort"] = Field(
+        "all", description="clients asked for BN statistics at eval rounds: every client or the round's cohort")
+    bn_query_max_samples: int | None = Field(None, ge=2, description="per client, a seeded subset (none: all)")
+    bn_query_batch_size: int = Field(500, ge=2, description="forward batch for the BN query")
+    local_model: Literal["own", "global"] = Field(
+        "own", description="model used for each client's local accuracy: its own level or the global model")
+
+    @field_validator("rates")
+    @classmethod
+    def _check_rates(cls, v: dict[str, float]) -> dict[str, float]:
+        for k, r in v.items():
+            if len(k) != 1 or not k.isalpha():
+                raise ValueError(f"level names must be single letters, got {k!r}")
+            if not 0 < r <= 1:
+                raise ValueError(f"rate of '{k}' must be in (0, 1], got {r}")
+        return v
+
+    @field_validator("model_split")
+    @classmethod
+    def _check_split(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if v is not None:
+            parse_model_split(v, info.data.get("rates", PAPER_RATES))
+        return v
+
+
+@ALGORITHMS.register("heterofl", "HeteroFL (Diao et al. 2021): prefix sub-models, sum-and-count, static BN")
+class HeteroFL(Algorithm):
+    name = "heterofl"
+    Params = HeteroFLParams
+    params: HeteroFLParams
+    # One index plan per level and round (so one payload per level); False: one per client.
+    shared_plan: ClassVar[bool] = True
+
+    @classmethod
+    def check_config(cls, cfg: RunConfig) -> None:
+        if cfg.eval.local and cfg.data.local_test_fraction <= 0:
+            raise ValueError(f"eval.local: {cls.name} measures local accuracy on each client's held-out "
+                             f"split; set data.local_test_fraction > 0 (e.g. 0.1)")
+
+    # ------------------------------------------------------------------ set-up
+    def setup(self) -> None:
+        ctx, p = self.ctx, self.params
+        cfg = ctx.cfg
+        if p.model_split is not None:
+            split = parse_model_split(p.model_split, p.rates)
+            self.level_rates = {letter: rate for letter, rate, _ in split}
+            self.shares = np.array([share for _, _, share in split], dtype=float)
+            if any(t.width != 1 for t in ctx.devices.tiers):
+                ctx.note(f"{self.name}: model_split given, so devices.tiers widths are ignored (tiers still set "
+                         f"speed and bandwidth)")
+        else:
+            self.level_rates = {t.name: float(t.width) for t in ctx.devices.tiers}
+            self.shares = np.array([t.share for t in ctx.devices.tiers], dtype=float)
+            if "assignment" in p.model_fields_set:
+                ctx.note(f"{self.name}: no model_split, so levels follow devices.tiers and devices.assignment; "
+                         f"algorithm.params.assignment is ignored")
+        self.labels = list(self.level_rates)
+        self.global_rate = max(self.level_rates.values())
+        gw = cfg.model.width
+        track = not p.static_bn
+        self.global_spec = ctx.spec(width=gw * self.global_rate, track_running_stats=track, scaler_rate=1.0)
+        self.train_specs: dict[str, ModelSpec] = {}
+        self.eval_specs: dict[str, ModelSpec] = {}
+        for label, rate in self.level_rates.items():
+            scale = rate / self.global_rate if p.scaler else 1.0
+            self.train_specs[label] = ctx.spec(width=gw * rate, track_running_stats=track, scaler_rate=scale)
+            # Evaluated models track statistics (installed from the query) and need no Scaler.
+            self.eval_specs[label] = ctx.spec(width=gw * rate, track_running_stats=True, scaler_rate=1.0)
+        self.state: State = ctx.init_state(self.global_spec)
+        self.layout = ChannelLayout(self.global_spec)
+        self.sub_shapes = {label: state_shapes(s) for label, s in self.train_specs.items()}
+        self.prefix_plans = {label: self.layout.prefix_plan(s) for label, s in self.sub_shapes.items()}
+        self.server_opt = ServerOptimizer(cfg.federation.server_optimizer)
+        model = self.global_spec.build()
+        self.param_keys = set(dict(model.named_parameters()))
+        self.has_bn = any(True for _ in batch_norms(model))
+        self.masked = (cfg.data.partition.kind not in _LABEL_BALANCED) if p.masked_loss == "auto" else p.masked_loss
+        n = ctx.num_clients
+        self._fixed = np.repeat(np.arange(len(self.labels)), split_counts(list(self.shares), n))
+        self._dynamic: dict[int, np.ndarray] = {}
+        self._pending: dict[int, tuple[str, IndexPlan]] = {}
+        self._version = 0  # bumped whenever self.state changes; keys the caches below
+        self._bn: dict[str, State] = {}
+        self._bn_version = -1
+        self._eval_cache: tuple[int, dict[str, tuple[ModelSpec, State]]] | None = None
+        self._last_cohort: list[int] = []
+        self.bn_query_totals = {"queries": 0, "bytes_down": 0, "bytes_up": 0}
+        self.check_channel_groups()
+
+    def check_channel_groups(self) -> None:
+        """Subclasses that choose channels need the model's coupling declaration; fail at set-up."""
+
+    # ------------------------------------------------------------------ levels
+    def level_index(self, round_: int) -> np.ndarray:
+        """Level (index into ``self.labels``) of every client in ``round_``."""
+        if self.params.model_split is None:
+            return self.ctx.devices.assignment(round_)
+        if self.params.assignment == "fixed":
+            return self._fixed
+        if round_ not in self._dynamic:
+            probs = self.shares / self.shares.sum()
+            self._dynamic = {round_: np_gen(self.ctx.seed, "heterofl_levels", round_).choice(
+                len(self.labels), size=self.ctx.num_clients, p=probs)}
+        return self._dynamic[round_]
+
+    def level_of(self, round_: int, client: int) -> str:
+        return self.labels[int(self.level_index(round_)[client])]
+
+    def client_labels(self, client: int) -> torch.Tensor | None:
+        """Bool mask of the client's labels, or None when it holds every class."""
+        mask = self.ctx.store.client_labels(client)
+        return None if bool(mask.all()) else mask
+
+    # ------------------------------------------------------------------ index plans (the hook)
+    def index_plan(self, round_: int, client: int, label: str) -> IndexPlan:
+        """Which global entries the client's sub-model holds: HeteroFL takes prefixes."""
+        return self.prefix_plans[label]
+
+    # ------------------------------------------------------------------ round
+    def plan(self, round_: int, cohort: list[int]) -> list[ClientTask]:
+        self._pending = {}
+        self._last_cohort = list(cohort)
+        # Clients of one level share one payload object, so the engine encodes it once per round.
+        shared: dict[str, tuple[IndexPlan, State]] = {}
+        tasks = []
+        for c in cohort:
+            label = self.level_of(round_, c)
+            if self.shared_plan and label in shared:
+                plan, sub = shared[label]
+            else:
+                plan = self.index_plan(round_, c, label)
+                sub = extract(self.state, plan)
+                if self.shared_plan:
+                    shared[label] = (plan, sub)
+            mask = self.client_labels(c) if self.masked else None
+            tasks.append(self.ctx.train_task(round_, c, self.train_specs[label], sub, label_mask=mask))
+            self._pending[c] = (label, plan)
+        return tasks
+
+    def aggregate(self, round_: int, tasks: list[ClientTask], results: list[ClientResult]) -> dict[str, Any]:
+        p = self.params
+        contributions, levels = [], {label: 0 for label in self.labels}
+        for r in results:
+            label, plan = self._pending[r.client]
+            levels[label] += 1
+            rows = None
+            if p.label_rows:
+                mask = self.client_labels(r.client)
+                rows = None if mask is None else torch.nonzero(mask).flatten()
+            w = float(r.num_samples) if p.weighted else 1.0
+            contributions.append(Contribution(r.delta, plan, w, rows))
+        delta = combine(self.state, contributions, self.layout.output_keys)
+        if delta:
+            self.state = self.server_opt.step(self.state, delta, self.param_keys)
+            self._version += 1
+        extra: dict[str, Any] = {"levels": levels}
+        cfg = self.ctx.cfg
+        if self.needs_bn_query and (round_ % cfg.eval.every == 0 or round_ == cfg.federation.rounds):
+            extra["bn_query"] = self.query_bn(round_, self._last_cohort)
+        return extra
+
+    # ------------------------------------------------------------------ static BN query
+    @property
+    def needs_bn_query(self) -> bool:
+        return self.params.static_bn and self.has_bn
+
+    def level_params(self, label: str) -> State:
+        """The prefix sub-model of level ``label`` as it is evaluated (no BN statistics)."""
+        return extract(self.state, self.prefix_plans[label])
+
+    def query_bn(self, round_: int, cohort: list[int], tally: bool = True) -> dict[str, int]:
+        """Ask clients for the BatchNorm statistics of every level's model over their local data and
+        pool them; runs through the backend like any client work. Returns the query's traffic, added
+        to the run's totals when ``tally``."""
+        p = self.params
+        clients = list(range(self.ctx.num_clients)) if p.bn_query_clients == "all" or not cohort else cohort
+        tasks, down = [], 0
+        for label in self.labels:
+            params = self.level_params(label)
+            down += len(pack_exact(params)) * len(clients)
+            extras = {"batch_size": p.bn_query_batch_size, "max_samples": p.bn_query_max_samples, "level": label}
+            tasks += [ClientTask(client=c, round=round_, spec=self.eval_specs[label], state=params, kind="bn_stats",
+                                 seed=self.ctx.task_seed(round_, c, "bn_stats"), extras=dict(extras))
+                      for c in clients]
+        results = self.ctx.backend.run(tasks)
+        up = sum(len(pack_exact({**r.extras["bn"], **{f"{k}.n": torch.tensor(v) for k, v in
+                                                       r.extras["bn_n"].items()}})) for r in results)
+        for label in self.labels:
+            shapes = state_shapes(self.eval_specs[label])
+            layers = [k[: -len(".running_mean")] for k in shapes if k.endswith(".running_mean")]
+            mine = [r for r in results if r.extras.get("level") == label]
+            stats = merge_bn_stats(mine, layers)
+            for layer in layers:  # a layer no client had data for: neutral statistics
+                stats.setdefault(f"{layer}.running_mean", torch.zeros(shapes[f"{layer}.running_mean"]))
+                stats.setdefault(f"{layer}.running_var", torch.ones(shapes[f"{layer}.running_var"]))
+                stats.setdefault(f"{layer}.num_batches_tracked", torch.tensor(0, dtype=torch.long))
+            self._bn[label] = stats
+        self._bn_version = self._version
+        if tally:
+            t = self.bn_query_totals
+            t["queries"] += 1
+            t["bytes_down"] += down
+            t["bytes_up"] += up
+        return {"clients": len(clients), "bytes_down": down, "bytes_up": up}
+
+    # ------------------------------------------------------------------ evaluation
+    def eval_targets(self, round_: int) -> dict[str, tuple[ModelSpec, State]]:
+        if self._eval_cache is not None and self._eval_cache[0] == self._version:
+            return self._eval_cache[1]
+        if self.needs_bn_query and self._bn_version != self._version:
+            # Only after resuming a finished run (the summary evaluates again): the statistics were
+            # queried and counted before the stop, so this repeat stays out of the totals.
+            self.query_bn(round_, self._last_cohort, tally=False)
+        out = {}
+        for label in self.labels:
+            state = self.level_params(label)
+            if self.needs_bn_query:
+                state = {**state, **self._bn[label]}
+            out[label] = (self.eval_specs[label], state)
+        self._eval_cache = (self._version, out)
+        return out
+
+    def local_eval_tasks(self, round_: int, clients: list[int]) -> list[ClientTask]:
+        targets = self.eval_targets(round_)
+        top = max(self.labels, key=lambda lab: self.level_rates[lab])
+        tasks = []
+        for c in clients:
+            label = self.level_of(round_, c) if self.params.local_model == "own" else top
+            spec, state = targets[label]
+            tasks.append(ClientTask(client=c, round=round_, spec=spec, state=state, kind="evaluate",
+                                    label_mask=self.client_labels(c),
+                                    extras={"split": "test", "batch_size": self.ctx.cfg.eval.batch_size}))
+        return tasks
+
+    def summary(self) -> dict[str, Any]:
+        from fedslim.models.profile import profile_spec
+
+        levels = {}
+        counts = np.bincount(np.asarray(self.level_index(1), dtype=int), minlength=len(self.labels))
+        for i, label in enumerate(self.labels):
+            s = self.eval_specs[label]
+            prof = profile_spec(s.name, s.num_classes, s.input_shape, s.width, **dict(s.options))
+            levels[label] = {"rate": self.level_rates[label], "width": s.width, "params": prof["params"],
+                             "macs": prof["macs"], "clients_round1": int(counts[i])}
+        return {"levels": levels, "bn_query": dict(self.bn_query_totals)}
+
+    # ------------------------------------------------------------------ checkpoint
+    def state_dict(self) -> dict[str, Any]:
+        return {"state": self.state, "server_opt": self.server_opt.state_dict(),
+                "bn_query_totals": dict(self.bn_query_totals)}
+
+    def load_state_dict(self, s: dict[str, Any]) -> None:
+        self.state = dict(s["state"])
+        self.server_opt.load_state_dict(s["server_opt"])
+        self.bn_query_totals = dict(s.get("bn_query_totals", self.bn_query_totals))
+        self._version += 1
