@@ -227,19 +227,6 @@ def combine(state: State, contributions: Iterable[Contribution], output_keys: It
     return delta
 
 
-def coverage(state: State, plans: Iterable[IndexPlan]) -> dict[str, float]:
-    """Share of each tensor's elements held by at least one plan (diagnostics)."""
-    plans = list(plans)
-    out = {}
-    for k, ref in state.items():
-        hit = torch.zeros(ref.shape, dtype=torch.bool)
-        for p in plans:
-            index, _ = _placement(p[k], torch.empty(0), None)
-            hit[index] = True
-        out[k] = float(hit.float().mean()) if ref.numel() else 1.0
-    return out
-
-
 # ------------------------------------------------------------------------------------------------
 # static BatchNorm: client statistics and their merge
 
