@@ -82,3 +82,14 @@ def test_server_momentum_accumulates() -> None:
     assert float(s2["w"]) == pytest.approx(1.0 + 1.5)
     plain = ServerOptimizer(ServerOptimizerConfig())
     assert float(plain.step(state, d, {"w"})["w"]) == 1.0
+
+
+@pytest.mark.parametrize("n,bs,sizes", [(129, 64, [64, 65]), (193, 64, [64, 64, 65]), (128, 64, [64, 64]),
+                                        (1, 64, [1]), (65, 64, [65])])
+def test_batches_fold_a_final_single_sample_into_the_previous_batch(n: int, bs: int, sizes: list[int]) -> None:
+    from fedslim.engine.client import _batches
+
+    out = _batches(n, bs, torch.Generator().manual_seed(0))
+    assert [len(b) for b in out] == sizes
+    # Every sample exactly once: the fold must not drop or duplicate a batch.
+    assert sorted(torch.cat(out).tolist()) == list(range(n))

@@ -67,7 +67,8 @@ def _batches(n: int, batch_size: int, gen: torch.Generator) -> list[torch.Tensor
     out = [perm[i:i + batch_size] for i in range(0, n, batch_size)]
     # A final batch of one sample breaks BatchNorm in training mode; fold it into the previous one.
     if len(out) > 1 and len(out[-1]) == 1:
-        out[-2] = torch.cat([out[-2], out.pop()])
+        last = out.pop()  # pop first: `out[-2] = cat([out[-2], out.pop()])` would overwrite the wrong batch
+        out[-1] = torch.cat([out[-1], last])
     return out
 
 
