@@ -30,6 +30,13 @@ def _fmt_bytes(n: float) -> str:
     return f"{n:.1f} TB"
 
 
+def _up_ratio(summary: dict[str, Any]) -> str:
+    """How many times smaller than float32 the uploads were (summed over the run), from real bytes."""
+    c = summary.get("codec_up") or {}
+    r = c.get("ratio_vs_float32")
+    return f"{r:.2f}" if r else "-"
+
+
 def report(runs: list[str], out_dir: str | None = None) -> str:
     paths = [Path(r) for r in runs]
     for p in paths:
@@ -37,7 +44,7 @@ def report(runs: list[str], out_dir: str | None = None) -> str:
             raise ReportError(f"{p}: not a folder")
     loaded = [(p, *_load(p)) for p in paths]
     header = (f"{'run':<28} {'algo':<12} {'model':<8} {'rnd':>4} {'acc':>7} {'best':>7} {'f1_w':>7} "
-              f"{'up':>10} {'down':>10} {'sim s':>8}")
+              f"{'up':>10} {'up x':>6} {'down':>10} {'sim s':>8}")
     lines = [header, "-" * len(header)]
     for p, s, rows in loaded:
         last = rows[-1]
@@ -47,7 +54,8 @@ def report(runs: list[str], out_dir: str | None = None) -> str:
             lines.append(f"{name[:28]:<28} {s.get('algorithm', '?')[:12]:<12} {str(s.get('model', '?'))[:8]:<8} "
                          f"{last['round']:>4} {m['acc'] * 100:7.2f} {best * 100:7.2f} "
                          f"{m.get('f1_weighted', float('nan')) * 100:7.2f} {_fmt_bytes(last['cum_bytes_up']):>10} "
-                         f"{_fmt_bytes(last['cum_bytes_down']):>10} {last.get('sim_time_s', 0):8.1f}")
+                         f"{_up_ratio(s):>6} {_fmt_bytes(last['cum_bytes_down']):>10} "
+                         f"{last.get('sim_time_s', 0):8.1f}")
         for tier, m in (last.get("local") or {}).items():
             lines.append(f"{(p.name + ' local/' + tier)[:28]:<28} {'':<12} {'':<8} {last['round']:>4} "
                          f"{m['acc'] * 100:7.2f}")
@@ -67,23 +75,28 @@ def _plots(loaded: list[tuple[Path, dict[str, Any], list[dict[str, Any]]]], out:
     import matplotlib.pyplot as plt
 
     written = []
-    for xkey, xlabel, fname in (("round", "round", "accuracy_vs_round.png"),
-                                ("cum_bytes", "cumulative bytes (up + down, MB)", "accuracy_vs_bytes.png")):
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        for p, _, rows in loaded:
-            labels = list(rows[-1].get("eval", {}))
-            for label in labels:
-                pts = [(r, r["eval"][label]["acc"] * 100) for r in rows if label in r.get("eval", {})]
-                xs = [r["round"] if xkey == "round" else (r["cum_bytes_up"] + r["cum_bytes_down"]) / 1e6
-                      for r, _ in pts]
-                name = p.name if len(labels) == 1 else f"{p.name}[{label}]"
-                ax.plot(xs, [a for _, a in pts], marker="o", ms=3, label=name)
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel("test accuracy (%)")
-        if xkey == "cum_bytes":
-            ax.set_xscale("log")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+    # Bytes get two panels: with an uncompressed downlink the total hides what an uplink codec saved.
+    xs_of = {"round": ("round", lambda r: r["round"]),
+             "total": ("cumulative bytes (up + down, MB)", lambda r: (r["cum_bytes_up"] + r["cum_bytes_down"]) / 1e6),
+             "up": ("cumulative uplink bytes (MB)", lambda r: r["cum_bytes_up"] / 1e6)}
+    for panels, fname in ((("round",), "accuracy_vs_round.png"), (("total", "up"), "accuracy_vs_bytes.png")):
+        fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 4.5), squeeze=False)
+        for ax, panel in zip(axes[0], panels, strict=True):
+            xlabel, x_of = xs_of[panel]
+            for p, _, rows in loaded:
+                labels = list(rows[-1].get("eval", {}))
+                for label in labels:
+                    pts = [r for r in rows if label in r.get("eval", {})]
+                    name = p.name if len(labels) == 1 else f"{p.name}[{label}]"
+                    ax.plot([x_of(r) for r in pts], [r["eval"][label]["acc"] * 100 for r in pts], marker="o",
+                            ms=3, label=name)
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel("test accuracy (%)")
+            if panel != "round":
+                ax.set_xscale("log")
+                _plain_log_ticks(ax)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
         fig.tight_layout()
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=110)
@@ -91,3 +104,16 @@ def _plots(loaded: list[tuple[Path, dict[str, Any], list[dict[str, Any]]]], out:
         atomic_write_bytes(out / fname, buf.getvalue())
         written.append(out / fname)
     return written
+
+
+def _plain_log_ticks(ax: Any) -> None:
+    """Log axis labelled 1, 2, 5, 10, 20 ... in plain numbers: the default labels every minor tick as
+    m x 10^e, and those overlap when the axis spans less than a decade or two."""
+    from matplotlib.ticker import FuncFormatter
+
+    def fmt(v: float, _pos: int) -> str:
+        mantissa = f"{v:.0e}"[0]
+        return f"{v:g}" if mantissa in "125" else ""
+
+    ax.xaxis.set_major_formatter(FuncFormatter(fmt))
+    ax.xaxis.set_minor_formatter(FuncFormatter(fmt))

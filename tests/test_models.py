@@ -32,6 +32,7 @@ SUPPORTED: dict[str, list[tuple[int, int, int]]] = {
     "preresnet18": [MNIST, CIFAR, DIGITS],
     "mobilenetv2": [MNIST, CIFAR, DIGITS],
     "heterofl_cnn": [MNIST, CIFAR, DIGITS],
+    "convbn9": [CIFAR, MNIST, DIGITS],
 }
 WIDTHS = (1.0, 0.5, 1 / 16)
 NUM_CLASSES = 7  # not 10, so a hard-coded class count would show

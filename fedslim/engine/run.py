@@ -18,6 +18,7 @@ from fedslim.algorithms.base import Algorithm, RunContext
 from fedslim.codecs import Codec, CodecContext, build_pipeline
 from fedslim.config import RunConfig, dump_config
 from fedslim.devices import DevicePopulation
+from fedslim.engine.codec_stats import CodecTally, sum_codec_rows
 from fedslim.engine.store import ClientStore
 from fedslim.engine.task import ClientResult, ClientTask, ModelSpec
 from fedslim.metrics import mean_metrics
@@ -31,7 +32,7 @@ from fedslim.results import (
     load_checkpoint,
     read_jsonl,
     save_checkpoint,
-    to_json,
+    to_json_pretty,
     write_jsonl,
 )
 from fedslim.rng import np_gen, torch_gen
@@ -51,7 +52,18 @@ def resolve_device(name: str) -> str:
     return name
 
 
-def sample_cohort(seed: int, round_: int, num_clients: int, participation: float) -> list[int]:
+def sample_cohort(seed: int, round_: int, num_clients: int, participation: float,
+                  eligible: list[int] | None = None) -> list[int]:
+    """``participation`` of the clients, or of ``eligible`` ones only (e.g. HybridCompFL's capable devices)."""
+    if eligible is not None:
+        pool = sorted(eligible)
+        if not pool:
+            return []
+        m = max(1, int(round(participation * len(pool))))
+        if m >= len(pool):
+            return pool
+        picked = np_gen(seed, "sample", round_).choice(len(pool), size=m, replace=False)
+        return sorted(pool[i] for i in picked.tolist())
     m = max(1, int(round(participation * num_clients)))
     if m >= num_clients:
         return list(range(num_clients))
@@ -147,7 +159,11 @@ class Runner:
         params = algo_cls.Params.model_validate(cfg.algorithm.params)
         self.algo: Algorithm = algo_cls(self.ctx, params)
         self.codec_down: Codec = build_pipeline([s.model_dump() for s in cfg.codec.down], "codec.down")
-        self.codec_up: Codec = build_pipeline([s.model_dump() for s in cfg.codec.up], "codec.up")
+        # An algorithm whose method is an uplink compressor (QuantFL) supplies the pipeline itself.
+        own_up = getattr(self.algo, "uplink_codec", None)
+        up = own_up() if callable(own_up) else None
+        self.codec_up: Codec = up or build_pipeline([s.model_dump() for s in cfg.codec.up], "codec.up")
+        self.tally = {"up": CodecTally(), "down": CodecTally()}
 
     def _write_partition_report(self) -> None:
         from fedslim.data.report import format_label_report, label_counts, plot_label_counts
@@ -178,7 +194,7 @@ class Runner:
         produces those bytes once and sends them to every client in the group.
         """
         sent: dict[int, int] = {}
-        cache: dict[tuple[int, ModelSpec, int], tuple[int, dict[str, torch.Tensor]]] = {}
+        cache: dict[tuple[int, ModelSpec, int], tuple[int, dict[str, torch.Tensor], dict[str, Any]]] = {}
         for t in tasks:
             codec = t.down_codec or self.codec_down
             key = (id(t.state), t.spec, id(codec))
@@ -186,10 +202,11 @@ class Runner:
                 ctx = CodecContext("down", -1, round_, self.compressible(t.spec),
                                    torch_gen(self.cfg.seed, "codec_down", round_))
                 payload = codec.encode(t.state, ctx)
-                cache[key] = (len(payload), codec.decode(payload, ctx))
-            nbytes, decoded = cache[key]
+                cache[key] = (len(payload), codec.decode(payload, ctx), dict(codec.last_stats))
+            nbytes, decoded, stats = cache[key]
             t.state = decoded
             sent[t.client] = sent.get(t.client, 0) + nbytes
+            self.tally["down"].add(stats)
         return sent
 
     def _uplink(self, round_: int, tasks: list[ClientTask], results: list[ClientResult]) -> dict[int, int]:
@@ -201,6 +218,7 @@ class Runner:
             ctx = CodecContext("up", r.client, round_, self.compressible(by_client[r.client].spec),
                                torch_gen(self.cfg.seed, "codec_up", round_, r.client))
             payload = self.codec_up.encode(r.delta, ctx)
+            self.tally["up"].add(self.codec_up.last_stats)
             r.delta = self.codec_up.decode(payload, ctx)
             sent[r.client] = sent.get(r.client, 0) + len(payload)
         return sent
@@ -253,11 +271,14 @@ class Runner:
             self._say(f"note: {note}")
 
         pending_comm: list[dict[str, Any]] = []
+        notes_before = len(self.ctx.notes)
         bar = self._bar(start_round)
         try:
             for rnd in range(start_round, cfg.federation.rounds + 1):
                 t0 = time.perf_counter()
-                cohort = sample_cohort(cfg.seed, rnd, self.ctx.num_clients, cfg.federation.participation)
+                eligible = getattr(self.algo, "eligible_clients", None)
+                cohort = sample_cohort(cfg.seed, rnd, self.ctx.num_clients, cfg.federation.participation,
+                                       eligible(rnd) if callable(eligible) else None)
                 tasks = self.algo.plan(rnd, cohort)
                 down = self._downlink(rnd, tasks)
                 t1 = time.perf_counter()
@@ -282,8 +303,10 @@ class Runner:
                         "train_loss": loss, "bytes_up": sum(sum(c["bytes_up"].values()) for c in pending_comm),
                         "bytes_down": sum(sum(c["bytes_down"].values()) for c in pending_comm),
                         "cum_bytes_up": cum["up"], "cum_bytes_down": cum["down"],
-                        "sim_time_s": cum["sim_time_s"], "comm": pending_comm, **extra,
+                        "sim_time_s": cum["sim_time_s"], "comm": pending_comm,
+                        "codec_up": self.tally["up"].row(), "codec_down": self.tally["down"].row(), **extra,
                     }
+                    self.tally = {"up": CodecTally(), "down": CodecTally()}
                     row.update(self._evaluate(rnd))
                     rows.append(row)
                     pending_comm = []
@@ -300,13 +323,19 @@ class Runner:
                         "codec_down": self.codec_down.state_dict(), "cumulative": dict(cum)})
                 if bar is not None:
                     bar.update(1)
+            if bar is not None:
+                bar.close()
+                bar = None
+            # Before the backend closes: finalize may still run client tasks (HybridCompFL's deployment).
+            final = self.algo.finalize() or {}
         finally:
             if bar is not None:
                 bar.close()
             self.backend.close()
-        final = self.algo.finalize() or {}
+        for note in self.ctx.notes[notes_before:]:
+            self._say(f"note: {note}")
         summary = self._summary(rows, cum, final)
-        atomic_write_text(self.run_dir / SUMMARY_FILE, to_json(summary) + "\n")
+        atomic_write_text(self.run_dir / SUMMARY_FILE, to_json_pretty(summary) + "\n")
         self._print_table(summary)
         return summary
 
@@ -333,6 +362,8 @@ class Runner:
             "clients": self.cfg.data.num_clients, "final": last.get("eval", {}), "best_acc": best,
             "local": last.get("local"), "bytes_up": cum["up"], "bytes_down": cum["down"],
             "sim_time_s": cum["sim_time_s"], "models": models, "notes": self.ctx.notes,
+            "codec_up": sum_codec_rows([r.get("codec_up") for r in rows]),
+            "codec_down": sum_codec_rows([r.get("codec_down") for r in rows]),
             **self.algo.summary(), **final,
         }
 
@@ -373,6 +404,17 @@ class Runner:
                 lines.append(f"local/{tier:<4} {m['acc'] * 100:7.2f}  (clients' own test splits, n={m['n']})")
         lines.append(f"bytes up {_human(s['bytes_up'])}, down {_human(s['bytes_down'])}, "
                      f"simulated time {s['sim_time_s']:.1f} s")
+        for side in ("up", "down"):
+            c = s.get(f"codec_{side}")
+            if c and c["codec"] != "exact":
+                sparsity = "" if c["measured_sparsity"] is None else (
+                    f", measured sparsity {c['measured_sparsity'] * 100:.2f} %")
+                lines.append(f"{side}link codec {c['codec']}: {c['payloads']} payloads, {_human(c['bytes'])} "
+                             f"vs {_human(c['float32_bytes'])} float32 ({c['ratio_vs_float32']:.2f}x smaller)"
+                             f"{sparsity}, rounding zeros {c['rounding_zeros']:,}")
+        describe = getattr(self.algo, "describe_summary", None)
+        if callable(describe):
+            lines += describe(s)
         self._say("\n".join(lines))
 
 

@@ -14,6 +14,7 @@ from torch import nn
 # Imported for their registration side effect.
 from fedslim.models import (  # noqa: F401
     alexnet,
+    convnet,
     heterofl_cnn,
     lenet,
     mlp,
