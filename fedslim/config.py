@@ -138,8 +138,8 @@ class EvalConfig(Strict):
 
 
 class EngineConfig(Strict):
-    backend: str = Field("serial", description="serial | vectorized | ray")
-    device: Literal["cpu", "cuda", "auto"] = "cpu"
+    backend: str = Field("auto", description="auto (vectorized on CUDA, serial on CPU) | serial | vectorized | ray")
+    device: Literal["cpu", "cuda", "auto"] = Field("auto", description="auto: cuda when available, else cpu")
     threads: int | None = Field(None, ge=1, description="torch intra-op threads")
     ray_address: str | None = None
     ray_workers: int | None = Field(None, ge=1)

@@ -21,6 +21,8 @@ _MODULES = [
     "fedslim.codecs",
     "fedslim.engine.client",
     "fedslim.engine.backends",
+    "fedslim.engine.ray_backend",
+    "fedslim.engine.vectorized",
     "fedslim.algorithms",
 ]
 

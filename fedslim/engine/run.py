@@ -267,6 +267,10 @@ class Runner:
         else:
             atomic_write_text(self.run_dir / CONFIG_FILE, dump_config(cfg))
             self._write_partition_report()
+        resolved = type(self.backend).__name__.removesuffix("Backend").lower()
+        picked = f" (auto: {'vectorized is slower on a CPU' if resolved == 'serial' else 'CUDA'})" \
+            if cfg.engine.backend == "auto" else ""
+        self._say(f"backend {resolved} on {self.device}{picked}")
         for note in self.ctx.notes:
             self._say(f"note: {note}")
 

@@ -1,0 +1,424 @@
+"""Vectorized backend: clients that share a model spec train as one batched computation.
+
+The train tasks of a cohort are grouped by (model spec, local-training settings, data split). For a
+group of G clients the parameters, BatchNorm statistics and optimizer state are stacked along a new
+leading axis, and every local step is one ``torch.func.vmap`` over ``torch.func.grad`` of
+``functional_call``, followed by SGD (momentum, Nesterov, weight decay) or Adam applied to the
+stacked tensors. It is a GPU play: one large step keeps the device busy where G small ones would
+not. On a CPU it is usually *slower* than the serial backend (a batched convolution with per-client
+weights becomes a grouped convolution, which CPU kernels handle less well than G plain ones), so
+``serial`` stays the default there and ``auto`` picks this backend only on CUDA.
+
+Each client draws its batches from its own generator exactly as :func:`fedslim.engine.client.train_model`
+does (the same ``_batches`` permutations, the fold of a final 1-sample batch, the augmentation
+draws), so the results match the serial backend within floating-point tolerance. Clients are
+sorted by their number of steps; at step s only the prefix of clients that still have a batch is
+computed and updated, so a client with fewer batches stops exactly where it would alone and its
+weights and optimizer state are left untouched afterwards. Batches shorter than the longest in a
+step are padded with weight-0 samples: they add nothing to the loss or the gradient, and
+BatchNorm layers are swapped for a masked version that leaves them out of the batch statistics.
+
+What runs serially instead (each reason said once, as a warning): tasks that are not ``train``
+tasks, single-task groups, models with dropout (its masks come from the global RNG per client, which
+a batched step cannot replay) or with buffers outside BatchNorm, clients with no data.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+from fedslim.engine.backends import ModelBuffers, SerialBackend
+from fedslim.engine.client import _batches
+from fedslim.engine.store import ClientStore
+from fedslim.engine.task import ClientResult, ClientTask, LocalTrain, ModelSpec
+from fedslim.registry import BACKENDS
+
+Tensor = torch.Tensor
+
+
+class _Ctx:
+    """Per-call side channel into the masked BatchNorm layers (sample weights in, statistics out)."""
+
+    def __init__(self) -> None:
+        self.weight: Tensor | None = None
+        self.stats: dict[str, tuple[Tensor, Tensor]] = {}
+
+
+class MaskedBatchNorm(nn.Module):
+    """Training-mode BatchNorm over the weight-1 samples of a padded batch, without in-place buffer
+    updates: the batch mean and unbiased variance go out through the context, and the caller folds
+    them into the stacked running statistics. Parameter and buffer names match ``nn.BatchNorm*``."""
+
+    def __init__(self, bn: nn.modules.batchnorm._BatchNorm, name: str, ctx: _Ctx):
+        super().__init__()
+        self.name, self.ctx, self.eps = name, ctx, bn.eps
+        self.affine, self.track = bn.affine, bn.track_running_stats
+        if bn.affine:
+            self.weight = nn.Parameter(bn.weight.detach().clone())
+            self.bias = nn.Parameter(bn.bias.detach().clone())
+        for b in ("running_mean", "running_var", "num_batches_tracked"):
+            t = getattr(bn, b, None)
+            if t is not None:
+                self.register_buffer(b, t.detach().clone())
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = self.ctx.weight
+        assert w is not None
+        dims = [0, *range(2, x.dim())]
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        wv = w.reshape([-1] + [1] * (x.dim() - 1)).to(x.dtype)
+        per_sample = x[0].numel() // x.shape[1]
+        cnt = w.sum().to(x.dtype) * per_sample
+        mean = (x * wv).sum(dims) / cnt.clamp_min(1)
+        xc = x - mean.reshape(shape)
+        ss = (xc * xc * wv).sum(dims)
+        y = xc * torch.rsqrt(ss / cnt.clamp_min(1) + self.eps).reshape(shape)
+        if self.affine:
+            y = y * self.weight.reshape(shape) + self.bias.reshape(shape)
+        if self.track:
+            self.ctx.stats[self.name] = (mean.detach(), (ss / (cnt - 1).clamp_min(1)).detach())
+        return y
+
+
+@dataclass
+class _Plan:
+    """A functional copy of one spec's model and what the batched step needs to know about it."""
+
+    model: nn.Module
+    ctx: _Ctx
+    trainable: list[str]
+    frozen: list[str]  # parameters without grad
+    buffers: list[str]
+    bns: dict[str, tuple[float | None, list[str]]]  # bn name -> (momentum, its buffer keys)
+    keys: frozenset[str]
+
+
+def why_not_vectorizable(model: nn.Module) -> str | None:
+    for name, m in model.named_modules():
+        if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0:
+            return f"dropout ({name}) draws per-client masks from the global RNG"
+        if isinstance(m, nn.SyncBatchNorm):
+            return "SyncBatchNorm"
+        if not isinstance(m, nn.modules.batchnorm._BatchNorm) and any(True for _ in m.buffers(recurse=False)):
+            return f"module {name or type(m).__name__} keeps buffers outside BatchNorm"
+    return None
+
+
+def _make_plan(model: nn.Module) -> _Plan:
+    fm = copy.deepcopy(model)
+    ctx = _Ctx()
+    bns: dict[str, tuple[float | None, list[str]]] = {}
+    for name, m in list(fm.named_modules()):
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            parent_name, _, attr = name.rpartition(".")
+            parent = fm.get_submodule(parent_name) if parent_name else fm
+            setattr(parent, attr, MaskedBatchNorm(m, name, ctx))
+            prefix = f"{name}."
+            bns[name] = (m.momentum, [prefix + b for b, _ in m.named_buffers(recurse=False)])
+    fm.train()
+    params = dict(fm.named_parameters())
+    trainable = [k for k, p in params.items() if p.requires_grad]
+    frozen = [k for k, p in params.items() if not p.requires_grad]
+    buffers = [k for k, _ in fm.named_buffers()]
+    return _Plan(fm, ctx, trainable, frozen, buffers, bns, frozenset(fm.state_dict()))
+
+
+@dataclass
+class _Schedule:
+    idx: Tensor  # (S, G, B) long: rows into the group's concatenated data; padding points at row 0
+    weight: Tensor  # (S, G, B) float: 1 for a real sample, 0 for padding
+    count: Tensor  # (S, G) float: real samples per step
+    steps: list[int]  # per client
+    flip: Tensor | None = None  # (S, G, B) bool
+    dy: Tensor | None = None  # (S, G, B) long
+    dx: Tensor | None = None
+
+
+def client_schedule(task: ClientTask, n: int, image: bool) -> list[tuple[Tensor, tuple[Tensor, ...]]]:
+    """The batches (and augmentation draws) ``train_model`` would take for ``task`` on n samples,
+    drawn from a generator seeded the same way, in the same order."""
+    tr = task.train
+    assert tr is not None
+    gen = torch.Generator()
+    gen.manual_seed(task.seed)
+    out: list[tuple[Tensor, tuple[Tensor, ...]]] = []
+    for _ in range(tr.epochs):
+        for idx in _batches(n, tr.batch_size, gen):
+            draws: tuple[Tensor, ...] = ()
+            if tr.augment != "none" and image:
+                m = len(idx)
+                draws = (torch.rand(m, generator=gen) < 0.5,)
+                if tr.augment == "crop_flip":
+                    draws += (torch.randint(0, 9, (m,), generator=gen), torch.randint(0, 9, (m,), generator=gen))
+            out.append((idx, draws))
+            if tr.max_steps is not None and len(out) >= tr.max_steps:
+                return out
+    return out
+
+
+def augment_with(x: Tensor, mode: str, flip: Tensor, dy: Tensor | None, dx: Tensor | None) -> Tensor:
+    """``fedslim.engine.client.augment_batch`` with its random draws given (same ops, same values)."""
+    n, _, h, w = x.shape
+    x = torch.where(flip[:, None, None, None], x.flip(3), x)
+    if mode == "crop_flip":
+        assert dy is not None and dx is not None
+        pad = 4
+        xp = F.pad(x, (pad, pad, pad, pad))
+        rows = dy[:, None] + torch.arange(h, device=x.device)[None, :]
+        cols = dx[:, None] + torch.arange(w, device=x.device)[None, :]
+        x = xp[torch.arange(n, device=x.device)[:, None, None, None],
+               torch.arange(x.shape[1], device=x.device)[None, :, None, None],
+               rows[:, None, :, None], cols[:, None, None, :]]
+    return x
+
+
+def _to(t: Tensor | None, device: str) -> Tensor | None:
+    return None if t is None else t.to(device)
+
+
+def _build_schedule(per: list[list[tuple[Tensor, tuple[Tensor, ...]]]], offsets: list[int], mode: str,
+                    device: str) -> _Schedule:
+    steps = [len(p) for p in per]
+    S, G = max(steps), len(per)
+    B = max(len(idx) for p in per for idx, _ in p)
+    idx = torch.zeros(S, G, B, dtype=torch.long)
+    weight = torch.zeros(S, G, B)
+    flip = torch.zeros(S, G, B, dtype=torch.bool) if mode != "none" else None
+    dy = torch.zeros(S, G, B, dtype=torch.long) if mode == "crop_flip" else None
+    dx = torch.zeros(S, G, B, dtype=torch.long) if mode == "crop_flip" else None
+    for g, p in enumerate(per):
+        idx[:, g, :] = offsets[g]
+        for s, (b, draws) in enumerate(p):
+            m = len(b)
+            idx[s, g, :m] = b + offsets[g]
+            weight[s, g, :m] = 1.0
+            if flip is not None:
+                flip[s, g, :m] = draws[0]
+            if dy is not None and dx is not None:
+                dy[s, g, :m], dx[s, g, :m] = draws[1], draws[2]
+    return _Schedule(idx.to(device), weight.to(device), weight.sum(2).to(device), steps, _to(flip, device),
+                     _to(dy, device), _to(dx, device))
+
+
+class _Optimizer:
+    """torch.optim.SGD / Adam (single-tensor code path) over stacked parameters; ``k`` leading
+    clients take part in a step, the rest are left untouched."""
+
+    def __init__(self, tr: LocalTrain, params: dict[str, Tensor]):
+        self.tr, self.o = tr, tr.optimizer
+        self.t = 0
+        if self.o.name == "sgd":
+            self.buf: dict[str, Tensor] | None = None
+        elif self.o.name == "adam":
+            self.m = {k: torch.zeros_like(v) for k, v in params.items()}
+            self.v = {k: torch.zeros_like(v) for k, v in params.items()}
+        else:
+            raise ValueError(f"train.optimizer.name: unknown optimizer {self.o.name!r}")
+
+    def step(self, params: dict[str, Tensor], grads: dict[str, Tensor], k: int) -> None:
+        o, lr = self.o, self.tr.lr
+        self.t += 1
+        if o.name == "sgd":
+            if o.momentum > 0 and self.buf is None:
+                self.buf = {n: torch.zeros_like(p) for n, p in params.items()}
+            for n, g in grads.items():
+                p = params[n][:k]
+                d = g.add(p, alpha=o.weight_decay) if o.weight_decay != 0 else g
+                if o.momentum > 0:
+                    assert self.buf is not None
+                    b = self.buf[n][:k]
+                    if self.t == 1:
+                        b.copy_(d)
+                    else:
+                        b.mul_(o.momentum).add_(d)
+                    d = d.add(b, alpha=o.momentum) if o.nesterov else b
+                p.add_(d, alpha=-lr)
+            return
+        b1, b2 = o.betas
+        eps = 1e-8  # torch.optim.Adam's default, which the serial procedure uses
+        bc1, bc2 = 1 - b1 ** self.t, 1 - b2 ** self.t
+        step_size, bc2_sqrt = lr / bc1, bc2 ** 0.5
+        for n, g in grads.items():
+            p, m, v = params[n][:k], self.m[n][:k], self.v[n][:k]
+            if o.weight_decay != 0:
+                g = g.add(p, alpha=o.weight_decay)
+            m.lerp_(g, 1 - b1)
+            v.mul_(b2).addcmul_(g, g, value=1 - b2)
+            p.addcdiv_(m, (v.sqrt() / bc2_sqrt).add_(eps), value=-step_size)
+
+
+def _clip(grads: dict[str, Tensor], max_norm: float) -> dict[str, Tensor]:
+    """``nn.utils.clip_grad_norm_`` per client over its own gradients."""
+    norms = torch.stack([torch.linalg.vector_norm(g.flatten(1), 2, dim=1) for g in grads.values()], 1)
+    total = torch.linalg.vector_norm(norms, 2, dim=1)
+    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    return {n: g * coef.reshape([-1] + [1] * (g.dim() - 1)) for n, g in grads.items()}
+
+
+@BACKENDS.register("vectorized", "same-spec clients trained as one batched torch.func step (GPU; slower on CPU)")
+class VectorizedBackend:
+    def __init__(self, store: ClientStore, device: str = "cpu", cfg: Any = None, *, max_group: int | None = None,
+                 **_: object):
+        self.store = store
+        self.device = device
+        self.max_group = max_group
+        self.serial = SerialBackend(store, device=device)
+        self.buffers: ModelBuffers = self.serial.buffers
+        self._plans: dict[ModelSpec, _Plan | str] = {}
+        self._said: set[str] = set()
+        self.counts = {"vectorized": 0, "serial": 0}  # tasks run each way (for reports and tests)
+
+    def _say_once(self, msg: str) -> None:
+        if msg not in self._said:
+            self._said.add(msg)
+            warnings.warn(f"vectorized backend: {msg}", RuntimeWarning, stacklevel=3)
+
+    def _plan(self, spec: ModelSpec) -> _Plan | str:
+        if spec not in self._plans:
+            model = self.buffers.get(spec)
+            why = why_not_vectorizable(model)
+            self._plans[spec] = why if why is not None else _make_plan(model)
+        return self._plans[spec]
+
+    def run(self, tasks: list[ClientTask]) -> list[ClientResult]:
+        out: list[ClientResult | None] = [None] * len(tasks)
+        groups: list[tuple[tuple[Any, ...], list[int]]] = []
+        alone: list[int] = []
+        for i, t in enumerate(tasks):
+            if t.kind != "train" or t.train is None:
+                alone.append(i)
+                continue
+            plan = self._plan(t.spec)
+            if isinstance(plan, str):
+                self._say_once(f"{t.spec.name} runs serially: {plan}")
+                alone.append(i)
+                continue
+            split = t.extras.get("split", "train")
+            if set(t.state) != plan.keys or len(self.store.get(t.client, split)) == 0:
+                alone.append(i)  # the serial procedure handles (and reports) these cases
+                continue
+            key = (t.spec, t.train, split, None if t.param_masks is None else tuple(sorted(t.param_masks)))
+            for gk, members in groups:
+                if gk == key:
+                    members.append(i)
+                    break
+            else:
+                groups.append((key, [i]))
+        for _, members in groups:
+            if len(members) == 1:
+                alone.extend(members)
+                continue
+            size = self.max_group or len(members)
+            for lo in range(0, len(members), size):
+                chunk = members[lo:lo + size]
+                for i, r in zip(chunk, self._train_group([tasks[i] for i in chunk]), strict=True):
+                    out[i] = r
+                self.counts["vectorized"] += len(chunk)
+        for i, r in zip(alone, self.serial.run([tasks[i] for i in alone]), strict=True):
+            out[i] = r
+        self.counts["serial"] += len(alone)
+        assert all(r is not None for r in out)
+        return out  # type: ignore[return-value]
+
+    # ------------------------------------------------------------------ the batched step
+    def _train_group(self, tasks: list[ClientTask]) -> list[ClientResult]:
+        plan = self._plan(tasks[0].spec)
+        assert isinstance(plan, _Plan)
+        tr = tasks[0].train
+        assert tr is not None
+        dev = self.device
+        split = tasks[0].extras.get("split", "train")
+        datas = [self.store.get(t.client, split) for t in tasks]
+        sizes = [len(d) for d in datas]
+        image = datas[0].x.dim() == 4
+        per = [client_schedule(t, n, image) for t, n in zip(tasks, sizes, strict=True)]
+        # Longest schedule first, so the clients still training at any step are a prefix.
+        order = sorted(range(len(tasks)), key=lambda g: -len(per[g]))
+        tasks, datas = [tasks[g] for g in order], [datas[g] for g in order]
+        sizes, per = [sizes[g] for g in order], [per[g] for g in order]
+        offsets = [0]
+        for n in sizes[:-1]:
+            offsets.append(offsets[-1] + n)
+        x_all = torch.cat([d.x for d in datas]).to(dev)
+        y_all = torch.cat([d.y for d in datas]).to(dev)
+        sch = _build_schedule(per, offsets, tr.augment if image else "none", dev)
+        G = len(tasks)
+        start = {k: torch.stack([t.state[k].to(dev) for t in tasks]) for k in plan.keys}
+        cur = {k: v.clone() for k, v in start.items()}
+        params = {k: cur[k] for k in plan.trainable}
+        fixed = {k: cur[k] for k in plan.frozen + plan.buffers}
+        nc = tasks[0].spec.num_classes
+        lmask = torch.stack([t.label_mask.to(dev) if t.label_mask is not None
+                             else torch.ones(nc, dtype=torch.bool, device=dev) for t in tasks])
+        pmasks = None
+        if tasks[0].param_masks is not None:
+            pmasks = {k: torch.stack([t.param_masks[k].to(dev) for t in tasks])  # type: ignore[index]
+                      for k in tasks[0].param_masks}
+        opt = _Optimizer(tr, params)
+        ctx, model = plan.ctx, plan.model
+
+        def loss_fn(p: dict[str, Tensor], f: dict[str, Tensor], x: Tensor, y: Tensor, w: Tensor,
+                    lm: Tensor) -> tuple[Tensor, tuple[Tensor, dict[str, tuple[Tensor, Tensor]]]]:
+            ctx.weight, ctx.stats = w, {}
+            logits = functional_call(model, {**p, **f}, (x,)).masked_fill(~lm, 0.0)
+            ce = F.cross_entropy(logits, y, reduction="none")
+            loss = (ce * w).sum() / w.sum().clamp_min(1)
+            stats, ctx.stats, ctx.weight = ctx.stats, {}, None
+            return loss, (loss.detach(), stats)
+
+        step_fn = vmap(grad(loss_fn, has_aux=True))
+        loss_sum = torch.zeros(G, device=dev)
+        seen = torch.zeros(G, device=dev)
+        steps = sch.steps
+        for s in range(max(steps)):
+            k = sum(1 for n in steps if n > s)
+            rows = sch.idx[s, :k]
+            xb, yb, w = x_all[rows], y_all[rows], sch.weight[s, :k]
+            if sch.flip is not None:
+                flat = xb.flatten(0, 1)
+                dy = None if sch.dy is None else sch.dy[s, :k].flatten()
+                dx = None if sch.dx is None else sch.dx[s, :k].flatten()
+                xb = augment_with(flat, tr.augment, sch.flip[s, :k].flatten(), dy, dx).reshape(xb.shape)
+            g, (loss, stats) = step_fn({n: v[:k] for n, v in params.items()},
+                                       {n: v[:k] for n, v in fixed.items()}, xb, yb, w, lmask[:k])
+            if tr.grad_clip is not None:
+                g = _clip(g, tr.grad_clip)
+            opt.step(params, g, k)
+            if pmasks is not None:
+                for n, m in pmasks.items():
+                    cur[n][:k].mul_(m[:k])
+            for bn, (mean, var) in stats.items():
+                momentum, _ = plan.bns[bn]
+                nbt = cur[f"{bn}.num_batches_tracked"][:k]
+                nbt.add_(1)
+                f = momentum if momentum is not None else (1.0 / nbt.to(mean.dtype)).unsqueeze(1)
+                cur[f"{bn}.running_mean"][:k].mul_(1 - f).add_(mean * f)
+                cur[f"{bn}.running_var"][:k].mul_(1 - f).add_(var * f)
+            cnt = sch.count[s, :k]
+            loss_sum[:k] += loss * cnt
+            seen[:k] += cnt
+        results: list[ClientResult | None] = [None] * G
+        for g, t in enumerate(tasks):
+            delta = {k: (cur[k][g] - start[k][g]).cpu() for k in t.state}
+            n_seen = int(seen[g].item())
+            results[order[g]] = ClientResult(t.client, t.round, delta, sizes[g], steps[g],
+                                             float(loss_sum[g]) / max(n_seen, 1), {"samples_processed": n_seen})
+        return results  # type: ignore[return-value]
+
+    def close(self) -> None:
+        self.serial.close()
+
+
+@BACKENDS.register("auto", "vectorized on a CUDA device, serial on CPU (where vectorized is slower)")
+def auto_backend(store: ClientStore, device: str = "cpu", cfg: Any = None, **kw: Any) -> Any:
+    if str(device).startswith("cuda"):
+        return VectorizedBackend(store, device=device, cfg=cfg, **kw)
+    return SerialBackend(store, device=device, cfg=cfg, **kw)
