@@ -268,8 +268,9 @@ class Runner:
             atomic_write_text(self.run_dir / CONFIG_FILE, dump_config(cfg))
             self._write_partition_report()
         resolved = type(self.backend).__name__.removesuffix("Backend").lower()
-        picked = f" (auto: {'vectorized is slower on a CPU' if resolved == 'serial' else 'CUDA'})" \
-            if cfg.engine.backend == "auto" else ""
+        why = {"vectorized": "CUDA", "process": f"{os.cpu_count()} CPU cores, one worker process per core",
+               "serial": "CPU; vectorized is slower there"}.get(resolved, "")
+        picked = f" (auto: {why})" if cfg.engine.backend == "auto" and why else ""
         self._say(f"backend {resolved} on {self.device}{picked}")
         for note in self.ctx.notes:
             self._say(f"note: {note}")
