@@ -138,7 +138,8 @@ class EvalConfig(Strict):
 
 
 class EngineConfig(Strict):
-    backend: str = Field("auto", description="auto (vectorized on CUDA, serial on CPU) | serial | vectorized | ray")
+    backend: str = Field("auto", description="auto (vectorized on CUDA, process pool on a multi-core CPU, else serial) "
+                         "| serial | process | vectorized | ray")
     device: Literal["cpu", "cuda", "auto"] = Field("auto", description="auto: cuda when available, else cpu")
     threads: int | None = Field(None, ge=1, description="torch intra-op threads")
     ray_address: str | None = None

@@ -22,6 +22,7 @@ _MODULES = [
     "fedslim.engine.client",
     "fedslim.engine.backends",
     "fedslim.engine.ray_backend",
+    "fedslim.engine.process_backend",
     "fedslim.engine.vectorized",
     "fedslim.algorithms",
 ]

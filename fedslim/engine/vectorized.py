@@ -26,6 +26,7 @@ a batched step cannot replay) or with buffers outside BatchNorm, clients with no
 from __future__ import annotations
 
 import copy
+import os
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -37,6 +38,7 @@ from torch.func import functional_call, grad, vmap
 
 from fedslim.engine.backends import ModelBuffers, SerialBackend
 from fedslim.engine.client import _batches
+from fedslim.engine.process_backend import ProcessBackend, fork_available
 from fedslim.engine.store import ClientStore
 from fedslim.engine.task import ClientResult, ClientTask, LocalTrain, ModelSpec
 from fedslim.registry import BACKENDS
@@ -417,8 +419,14 @@ class VectorizedBackend:
         self.serial.close()
 
 
-@BACKENDS.register("auto", "vectorized on a CUDA device, serial on CPU (where vectorized is slower)")
+@BACKENDS.register("auto", "vectorized on CUDA; on CPU the process pool (2+ cores, fork, engine.threads unset or 1), "
+                           "else serial")
 def auto_backend(store: ClientStore, device: str = "cpu", cfg: Any = None, **kw: Any) -> Any:
     if str(device).startswith("cuda"):
         return VectorizedBackend(store, device=device, cfg=cfg, **kw)
+    # On a CPU vectorized is slower than serial; single-threaded workers on separate cores are faster.
+    # More threads per client were asked for explicitly: only the serial backend can honour that.
+    threads = getattr(getattr(cfg, "engine", None), "threads", None) or 1
+    if (os.cpu_count() or 1) >= 2 and fork_available() and threads == 1:
+        return ProcessBackend(store, device=device, cfg=cfg, **kw)
     return SerialBackend(store, device=device, cfg=cfg, **kw)

@@ -1,0 +1,152 @@
+"""Run one contender on one workload and print one ``RESULT {json}`` line.
+
+    python bench/contender.py CONTENDER WORKLOAD [--data-dir DIR]
+
+CONTENDER: floor | fedslim-serial | fedslim-serial-1t | fedslim-process | fedslim-vectorized | fedslim-ray |
+flower | pfl. ``fedslim-serial`` runs the serial backend with torch's own thread count; every other
+single-process contender, the floor included, runs torch on one thread (on the 2-core machines this
+was written on, two intra-op threads made a LeNet step ~5x slower, not faster); Ray-based ones
+(fedslim-ray, Flower) run two single-threaded workers, fedslim-process (what fedslim's default
+``auto`` picks on a multi-core CPU) one single-threaded forked worker per core. ``compare.py``
+runs each in its own process, so that peak memory is the contender's own and no Ray cluster outlives
+its run. Every contender reports the same figures:
+
+* ``rounds_s``: seconds spent in federated rounds (sending, client training, aggregation), central
+  evaluation and start-up excluded; ``updates``: client updates trained in them.
+* ``startup_s``: everything before the first round (data, Ray cluster and workers, ...).
+* ``acc_round1``: accuracy of the global model on the MNIST test set after round 1, to check that
+  the contenders ran the same workload.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from workloads import DEFAULT_DATA, WORKLOADS, Workload, batches, fedslim_config, setup  # noqa: E402
+
+T0 = time.perf_counter()
+
+
+def run_fedslim(w: Workload, backend: str, data_dir: str, threads: int | None) -> dict[str, Any]:
+    from fedslim.config import validate
+    from fedslim.engine.run import Runner
+    from fedslim.results import read_jsonl
+
+    with tempfile.TemporaryDirectory() as tmp:
+        runner = Runner(validate(fedslim_config(w, backend, data_dir, tmp, threads)), progress=False,
+                        out=open(os.devnull, "w"))  # noqa: SIM115
+        runner.run()
+        timings = read_jsonl(runner.run_dir / "timings.jsonl")
+        rows = read_jsonl(runner.run_dir / "metrics.jsonl")
+    total = time.perf_counter() - T0
+    rounds_s = sum(t["plan_down_s"] + t["clients_s"] + t["up_aggregate_s"] for t in timings)
+    eval_s = sum(t["eval_s"] for t in timings)
+    ev = rows[0]["eval"]
+    acc = ev["global"]["acc"] if "global" in ev else ev[next(iter(ev))]["acc"]
+    parts = {k: round(sum(t[k] for t in timings), 3) for k in ("plan_down_s", "clients_s", "up_aggregate_s")}
+    return {"updates": sum(len(c["bytes_up"]) for r in rows for c in r["comm"]), "rounds_s": rounds_s, **parts,
+            "startup_s": total - rounds_s - eval_s, "acc_round1": acc,
+            "acc_label": "global" if "global" in ev else next(iter(ev))}
+
+
+def client_levels(w: Workload) -> list[float]:
+    """Width of every client's model (HeteroFL's fixed assignment: equal shares by client index)."""
+    if w.algorithm != "heterofl":
+        return [1.0] * w.clients
+    from fedslim.algorithms.heterofl import PAPER_RATES, parse_model_split
+    from fedslim.devices import split_counts
+
+    split = parse_model_split(w.params["model_split"], PAPER_RATES)
+    counts = split_counts([s for _, _, s in split], w.clients)
+    return [rate for (_, rate, _), k in zip(split, counts, strict=True) for _ in range(k)]
+
+
+def run_floor(w: Workload, data_dir: str) -> dict[str, Any]:
+    """A bare torch loop: for every client update of the workload, the same number of optimizer
+    steps at the same batch sizes on a model of the same width, drawn from the whole training set;
+    one model per width, no federation, no copies of weights, nothing sent anywhere."""
+    from fedslim.models import build_model
+
+    s = setup(w, data_dir)
+    x, y = s.bundle.train.x, s.bundle.train.y
+    levels = client_levels(w)
+    models, opts = {}, {}
+    for rate in sorted(set(levels)):
+        opts_kw = {"track_running_stats": False, "scaler_rate": rate} if w.algorithm == "heterofl" else {}
+        torch.manual_seed(0)
+        models[rate] = build_model(w.model, num_classes=s.bundle.num_classes, input_shape=s.bundle.input_shape,
+                                   width=rate, **opts_kw)
+        opts[rate] = torch.optim.Adam(models[rate].parameters(), lr=w.lr)
+    gen = torch.Generator().manual_seed(0)
+    t0 = time.perf_counter()
+    updates = 0
+    for cohort in s.cohorts:
+        for c in cohort:
+            model, opt = models[levels[c]], opts[levels[c]]
+            n = len(s.parts[c])
+            sizes = [len(b) for _ in range(w.epochs) for b in batches(n, w.batch_size, gen)][:w.max_steps]
+            for size in sizes:
+                idx = torch.randint(0, len(y), (size,), generator=gen)
+                loss = F.cross_entropy(model(x[idx]), y[idx])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+            updates += 1
+    rounds_s = time.perf_counter() - t0
+    return {"updates": updates, "rounds_s": rounds_s, "startup_s": t0 - T0, "acc_round1": None}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("contender")
+    ap.add_argument("workload", choices=sorted(WORKLOADS))
+    ap.add_argument("--data-dir", default=DEFAULT_DATA)
+    ap.add_argument("--rounds", type=int, default=None, help="override the workload's rounds")
+    ap.add_argument("--epochs", type=int, default=None, help="override the workload's local epochs")
+    args = ap.parse_args()
+    w = WORKLOADS[args.workload]
+    if args.rounds or args.epochs:
+        from dataclasses import replace
+
+        w = replace(w, rounds=args.rounds or w.rounds, epochs=args.epochs or w.epochs)
+    if args.contender != "fedslim-serial":
+        torch.set_num_threads(1)
+    if args.contender == "floor":
+        res = run_floor(w, args.data_dir)
+    elif args.contender == "fedslim-serial":
+        res = run_fedslim(w, "serial", args.data_dir, None)
+    elif args.contender.startswith("fedslim-"):
+        backend = args.contender.removeprefix("fedslim-").removesuffix("-1t")
+        res = run_fedslim(w, backend, args.data_dir, 1)
+    elif args.contender == "flower":
+        from peer_flower import run_flower
+
+        res = run_flower(w, args.data_dir, T0)
+    elif args.contender == "pfl":
+        from peer_pfl import run_pfl
+
+        res = run_pfl(w, args.data_dir, T0)
+    else:
+        raise SystemExit(f"unknown contender {args.contender!r}")
+    res.update({"contender": args.contender, "workload": w.name, "rounds": w.rounds,
+                "torch": torch.__version__, "threads": 1 if args.contender in ("fedslim-ray", "flower")
+                else torch.get_num_threads()})
+    if args.contender == "fedslim-process":
+        res["workers"] = os.cpu_count() or 1  # the backend's default: one worker per core
+    print("RESULT " + json.dumps(res), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
