@@ -229,13 +229,13 @@ def test_procedures_registered_after_the_fork(toy: tuple[ClientStore, list[Clien
 def test_auto_picks_the_process_pool_on_a_multicore_cpu(toy: tuple[ClientStore, list[ClientTask]],
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     store, _ = toy
-    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr("fedslim.engine.process_backend.usable_cpus", lambda: 2)
     b = auto_backend(store, device="cpu")
     assert isinstance(b, ProcessBackend) and b.max_workers == 2
     b.close()
-    monkeypatch.setattr(os, "cpu_count", lambda: 1)
+    monkeypatch.setattr("fedslim.engine.process_backend.usable_cpus", lambda: 1)
     assert type(auto_backend(store, device="cpu")) is SerialBackend
-    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    monkeypatch.setattr("fedslim.engine.process_backend.usable_cpus", lambda: 8)
     two_threads = SimpleNamespace(engine=SimpleNamespace(threads=2))
     assert type(auto_backend(store, device="cpu", cfg=two_threads)) is SerialBackend  # threads asked for
     monkeypatch.setattr("fedslim.engine.vectorized.fork_available", lambda: False)

@@ -134,6 +134,14 @@ class _Worker:
         self.task: int | None = None  # key of the task it is running
 
 
+def usable_cpus() -> int:
+    """CPUs this process may run on: its affinity mask (taskset, cgroup cpusets), not the machine's count."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
 @BACKENDS.register("process", "long-lived worker processes on this machine (fork), one torch thread each")
 class ProcessBackend:
     def __init__(self, store: ClientStore, device: str = "cpu", cfg: Any = None, *, workers: int | None = None,
@@ -149,7 +157,7 @@ class ProcessBackend:
             raise ValueError(f"engine.backend 'process' runs one torch thread per worker; engine.threads={threads} "
                              "would hang its forked workers (OpenMP after fork): leave engine.threads unset or 1, "
                              "or use engine.backend: serial")
-        self.max_workers = workers or max(1, os.cpu_count() or 1)
+        self.max_workers = workers or usable_cpus()
         self.max_tries = max_tries
         self.retries = 0  # tasks re-sent after a worker died (for reports and tests)
         self._workers: list[_Worker] = []

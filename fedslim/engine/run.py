@@ -268,7 +268,8 @@ class Runner:
             atomic_write_text(self.run_dir / CONFIG_FILE, dump_config(cfg))
             self._write_partition_report()
         resolved = type(self.backend).__name__.removesuffix("Backend").lower()
-        why = {"vectorized": "CUDA", "process": f"{os.cpu_count()} CPU cores, one worker process per core",
+        workers = getattr(self.backend, "max_workers", "?")
+        why = {"vectorized": "CUDA", "process": f"{workers} worker processes, one per usable CPU core",
                "serial": "CPU; vectorized is slower there"}.get(resolved, "")
         picked = f" (auto: {why})" if cfg.engine.backend == "auto" and why else ""
         self._say(f"backend {resolved} on {self.device}{picked}")

@@ -26,7 +26,6 @@ a batched step cannot replay) or with buffers outside BatchNorm, clients with no
 from __future__ import annotations
 
 import copy
-import os
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -36,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
+from fedslim.engine import process_backend
 from fedslim.engine.backends import ModelBuffers, SerialBackend
 from fedslim.engine.client import _batches
 from fedslim.engine.process_backend import ProcessBackend, fork_available
@@ -427,6 +427,6 @@ def auto_backend(store: ClientStore, device: str = "cpu", cfg: Any = None, **kw:
     # On a CPU vectorized is slower than serial; single-threaded workers on separate cores are faster.
     # More threads per client were asked for explicitly: only the serial backend can honour that.
     threads = getattr(getattr(cfg, "engine", None), "threads", None) or 1
-    if (os.cpu_count() or 1) >= 2 and fork_available() and threads == 1:
+    if process_backend.usable_cpus() >= 2 and fork_available() and threads == 1:
         return ProcessBackend(store, device=device, cfg=cfg, **kw)
     return SerialBackend(store, device=device, cfg=cfg, **kw)
