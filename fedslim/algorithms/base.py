@@ -112,6 +112,9 @@ class Algorithm:
     def __init__(self, ctx: RunContext, params: BaseModel):
         self.ctx = ctx
         self.params = params
+        # Wall-clock seconds of named phases an algorithm runs inside a hook (e.g. HeteroFL's BN query
+        # inside aggregate): the engine moves them out of that hook's time into timings.jsonl.
+        self.phase_seconds: dict[str, float] = {}
 
     @classmethod
     def check_config(cls, cfg: RunConfig) -> None:

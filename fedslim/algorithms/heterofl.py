@@ -32,6 +32,7 @@ Where this departs from the reference code, and why:
 from __future__ import annotations
 
 import re
+import time
 from typing import Any, ClassVar, Literal
 
 import numpy as np
@@ -258,7 +259,9 @@ class HeteroFL(Algorithm):
         extra: dict[str, Any] = {"levels": levels}
         cfg = self.ctx.cfg
         if self.needs_bn_query and (round_ % cfg.eval.every == 0 or round_ == cfg.federation.rounds):
+            t0 = time.perf_counter()
             extra["bn_query"] = self.query_bn(round_, self._last_cohort)
+            self.phase_seconds["bn_query_s"] = self.phase_seconds.get("bn_query_s", 0.0) + time.perf_counter() - t0
         return extra
 
     # ------------------------------------------------------------------ static BN query

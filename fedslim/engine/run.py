@@ -319,8 +319,9 @@ class Runner:
                     write_jsonl(self.run_dir / METRICS_FILE, rows)
                     self._postfix(bar, row)
                 t4 = time.perf_counter()
+                phases, self.algo.phase_seconds = self.algo.phase_seconds, {}
                 timings.append({"round": rnd, "plan_down_s": t1 - t0, "clients_s": t2 - t1,
-                                "up_aggregate_s": t3 - t2, "eval_s": t4 - t3})
+                                "up_aggregate_s": t3 - t2 - sum(phases.values()), "eval_s": t4 - t3, **phases})
                 if (not pending_comm) and (rnd % cfg.engine.checkpoint_every == 0 or last):
                     write_jsonl(self.run_dir / TIMINGS_FILE, timings)
                     save_checkpoint(self.run_dir / CHECKPOINT_FILE, {
