@@ -30,7 +30,8 @@ CFG16: tuple[int | str, ...] = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M",
 
 class VGG(nn.Module):
     def __init__(self, cfg: tuple[int | str, ...], in_channels: int, width: float, num_classes: int, *,
-                 norm: str, track_running_stats: bool, scaler_rate: float, dropout: float):
+                 norm: str, track_running_stats: bool, scaler_rate: float, dropout: float,
+                 conv_bias: bool = True):
         super().__init__()
         layers: list[nn.Module] = []
         prev = in_channels
@@ -39,7 +40,7 @@ class VGG(nn.Module):
                 layers.append(nn.MaxPool2d(2))
                 continue
             c = scaled(int(v), width)
-            layers += [nn.Conv2d(prev, c, 3, padding=1), Scaler(scaler_rate),
+            layers += [nn.Conv2d(prev, c, 3, padding=1, bias=conv_bias), Scaler(scaler_rate),
                        make_norm(norm, c, track_running_stats=track_running_stats), nn.ReLU()]
             prev = c
         self.features = nn.Sequential(*layers)
