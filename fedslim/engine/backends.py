@@ -6,6 +6,7 @@ from typing import Protocol
 
 from torch import nn
 
+from fedslim.engine.host import memory_format
 from fedslim.engine.store import ClientStore
 from fedslim.engine.task import ClientResult, ClientTask, ModelSpec
 from fedslim.registry import BACKENDS, CLIENT_PROCEDURES
@@ -20,14 +21,16 @@ class Backend(Protocol):
 class ModelBuffers:
     """One reusable model per spec (pfl-style): tasks overwrite its weights instead of rebuilding it."""
 
-    def __init__(self, device: str = "cpu"):
+    def __init__(self, device: str = "cpu", channels_last: bool = False):
         self.device = device
+        self.memory_format = memory_format(channels_last)
         self._models: dict[ModelSpec, nn.Module] = {}
 
     def get(self, spec: ModelSpec) -> nn.Module:
         m = self._models.get(spec)
         if m is None:
-            m = self._models[spec] = spec.build().to(self.device)
+            # memory_format applies to 4-d weights only; load_state_dict later copies into this layout.
+            m = self._models[spec] = spec.build().to(self.device, memory_format=self.memory_format)
         return m
 
 
@@ -41,7 +44,7 @@ def run_one(task: ClientTask, store: ClientStore, buffers: ModelBuffers) -> Clie
 class SerialBackend:
     def __init__(self, store: ClientStore, device: str = "cpu", **_: object):
         self.store = store
-        self.buffers = ModelBuffers(device)
+        self.buffers = ModelBuffers(device, store.channels_last)
 
     def run(self, tasks: list[ClientTask]) -> list[ClientResult]:
         return [run_one(t, self.store, self.buffers) for t in tasks]

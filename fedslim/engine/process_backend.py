@@ -77,7 +77,7 @@ def _worker_main(conn: Connection, inherited: list[Connection], store: ClientSto
     for c in inherited:
         c.close()
     torch.set_num_threads(1)  # never more: see the module docstring (libgomp after fork)
-    buffers = ModelBuffers(device)
+    buffers = ModelBuffers(device, store.channels_last)
     while True:
         try:
             head = conn.recv_bytes()
@@ -163,7 +163,7 @@ class ProcessBackend:
         self._workers: list[_Worker] = []
         self._forked_procs: dict[str, Callable[..., ClientResult]] = {}  # registry as the workers have it
         # Model buffers of the tasks run here (procedures the workers cannot reach), as serial has them.
-        self.buffers = ModelBuffers(self.device)
+        self.buffers = ModelBuffers(self.device, store.channels_last)
         self._serial_only = not fork_available()
         if self._serial_only:
             warnings.warn("engine.backend 'process' needs the fork start method, which this platform lacks; "

@@ -59,6 +59,7 @@ def _store_payload(store: ClientStore) -> dict[str, Any]:
         "x": b.train.x.detach().cpu().numpy(), "y": b.train.y.detach().cpu().numpy(),
         "train_parts": [p.cpu().numpy() for p in store.train_parts],
         "test_parts": None if store.test_parts is None else [p.cpu().numpy() for p in store.test_parts],
+        "channels_last": store.channels_last,
     }
 
 
@@ -71,19 +72,23 @@ def _store_from_payload(p: dict[str, Any], device: str) -> ClientStore:
     bundle = DatasetBundle(p["name"], TensorData(x, y), empty, p["num_classes"], p["input_shape"])
     parts = [torch.from_numpy(np.array(a)) for a in p["train_parts"]]
     tests = None if p["test_parts"] is None else [torch.from_numpy(np.array(a)) for a in p["test_parts"]]
-    return ClientStore(bundle, parts, tests, device=device)
+    return ClientStore(bundle, parts, tests, device=device, channels_last=bool(p.get("channels_last", False)))
 
 
 class RayWorker:
     """Body of one Ray actor: the client data, model buffers, and a loop-free ``run``."""
 
-    def __init__(self, payload: dict[str, Any], device: str, threads: int):
+    def __init__(self, payload: dict[str, Any], device: str, threads: int, malloc: bool = False):
         torch.set_num_threads(threads)
         from fedslim import plugins  # noqa: F401  (fills the registries in this process)
         from fedslim.engine.backends import ModelBuffers
+        from fedslim.engine.host import tune_malloc, warm_up_optimizers
 
+        if malloc:
+            tune_malloc()
+        warm_up_optimizers()
         self.store = _store_from_payload(payload, device)
-        self.buffers = ModelBuffers(device)
+        self.buffers = ModelBuffers(device, self.store.channels_last)
 
     def pid(self) -> int:
         return os.getpid()
@@ -116,6 +121,7 @@ class RayBackend:
         address = address if address is not None else getattr(eng, "ray_address", None)
         workers = workers if workers is not None else getattr(eng, "ray_workers", None)
         self.threads = threads or getattr(eng, "threads", None) or 1
+        self.malloc = bool(getattr(eng, "tune_malloc", False))
         self.device = device
         self.max_retries = max_retries
         self.retries = 0  # tasks re-sent after a worker died (for reports and tests)
@@ -139,7 +145,7 @@ class RayBackend:
         self._workers = [self._spawn() for _ in range(workers)]
 
     def _spawn(self) -> Any:
-        return self._actor_cls.remote(self._payload, self.device, self.threads)
+        return self._actor_cls.remote(self._payload, self.device, self.threads, self.malloc)
 
     @property
     def num_workers(self) -> int:

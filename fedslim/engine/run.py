@@ -19,6 +19,7 @@ from fedslim.codecs import Codec, CodecContext, build_pipeline
 from fedslim.config import RunConfig, dump_config
 from fedslim.devices import DevicePopulation
 from fedslim.engine.codec_stats import CodecTally, sum_codec_rows
+from fedslim.engine.host import tune_malloc, use_channels_last, warm_up_optimizers
 from fedslim.engine.store import ClientStore
 from fedslim.engine.task import ClientResult, ClientTask, ModelSpec
 from fedslim.metrics import mean_metrics
@@ -136,6 +137,10 @@ class Runner:
         cfg = self.cfg
         if cfg.engine.threads:
             torch.set_num_threads(cfg.engine.threads)
+        # Before any worker is forked: they inherit both.
+        if cfg.engine.tune_malloc:
+            tune_malloc()
+        warm_up_optimizers()
         self.device = resolve_device(cfg.engine.device)
         root = cfg.data.root or self.data_dir or os.environ.get("FEDSLIM_DATA")
         bundle = load_dataset(cfg.data.dataset, root, train_subset=cfg.data.train_subset,
@@ -149,8 +154,9 @@ class Runner:
             parts = [s[0] for s in split]
             test_parts = [torch.as_tensor(s[1], dtype=torch.long) for s in split]
         self.parts = parts
+        self.channels_last = use_channels_last(cfg.engine.memory_format, self.device, tuple(bundle.input_shape))
         store = ClientStore(bundle, [torch.as_tensor(p, dtype=torch.long) for p in parts], test_parts,
-                            device=self.device)
+                            device=self.device, channels_last=self.channels_last)
         self.devices = DevicePopulation(cfg.devices, cfg.data.num_clients, cfg.seed)
         backend_cls = plugins.BACKENDS.get(cfg.engine.backend, field="engine.backend")
         self.backend = backend_cls(store, device=self.device, cfg=cfg)
@@ -272,7 +278,8 @@ class Runner:
         why = {"vectorized": "CUDA", "process": f"{workers} worker processes, one per usable CPU core",
                "serial": "CPU; vectorized is slower there"}.get(resolved, "")
         picked = f" (auto: {why})" if cfg.engine.backend == "auto" and why else ""
-        self._say(f"backend {resolved} on {self.device}{picked}")
+        layout = ", channels-last" if self.channels_last else ""
+        self._say(f"backend {resolved} on {self.device}{layout}{picked}")
         for note in self.ctx.notes:
             self._say(f"note: {note}")
 

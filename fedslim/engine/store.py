@@ -15,10 +15,15 @@ class ClientStore:
     train_parts: list[torch.Tensor]  # indices into bundle.train, one per client
     test_parts: list[torch.Tensor] | None = None  # indices into bundle.train (local held-out split)
     device: str = "cpu"
+    # Images kept channels-last (see fedslim.engine.host); ModelBuffers lay their models out to match.
+    channels_last: bool = False
 
     def __post_init__(self) -> None:
         self._cache: dict[tuple[int, str], TensorData] = {}
         self._train = self.bundle.train.to(self.device)
+        if self.channels_last and self._train.x.dim() == 4:
+            # Row gathers (x[idx]) keep this layout, so every batch comes out channels-last.
+            self._train = TensorData(self._train.x.contiguous(memory_format=torch.channels_last), self._train.y)
 
     @property
     def num_clients(self) -> int:
