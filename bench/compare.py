@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import threading
@@ -114,54 +115,89 @@ def run_contender(name: str, workload: str, data_dir: str, rounds: int | None) -
     return res
 
 
-def fmt_table(results: list[dict[str, Any]]) -> str:
-    head = (f"{'workload':<9} {'contender':<19} {'thr':>3} {'updates':>7} {'rounds s':>9} {'updates/s':>9} "
-            f"{'x floor':>8} {'startup s':>9} {'acc r1':>7} {'peak MB':>8}")
+def steady(r: dict[str, Any]) -> tuple[int, float]:
+    """(updates, seconds) of the rounds after the first; all rounds when there is only one."""
+    rs = r["round_s"]
+    if len(rs) < 2:
+        return r["updates"], sum(rs)
+    per_round = r["updates"] // len(rs)
+    return per_round * (len(rs) - 1), sum(rs[1:])
+
+
+def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (workload, contender): the median over repeats of seconds per steady-state update."""
+    rows: dict[tuple[str, str], dict[str, Any]] = {}
+    for r in runs:
+        key = (r["workload"], r["contender"])
+        row = rows.setdefault(key, {"workload": key[0], "contender": key[1], "runs": [], "errors": []})
+        if "not_run" in r:
+            row["not_run"] = r["not_run"]
+        elif "error" in r:
+            row["errors"].append(r["error"])
+        else:
+            row["runs"].append(r)
+    out = []
+    for row in rows.values():
+        ok = row["runs"]
+        if ok:
+            per_update = [steady(r)[1] / steady(r)[0] for r in ok]
+            mid = statistics.median(per_update)
+            first = statistics.median(r["round_s"][0] / (r["updates"] // len(r["round_s"])) for r in ok)
+            rep = ok[0]
+            row.update({"s_per_update": mid, "spread": (max(per_update) - min(per_update)) / mid,
+                        "first_s_per_update": first, "updates": steady(rep)[0],
+                        "startup_s": statistics.median(r["startup_s"] for r in ok),
+                        "acc_round1": rep.get("acc_round1"), "threads": rep["threads"],
+                        "workers": rep.get("workers"), "peak_mb": max(r["peak_mb"] for r in ok)})
+        out.append(row)
+    return out
+
+
+def fmt_table(rows: list[dict[str, Any]]) -> str:
+    head = (f"{'workload':<9} {'contender':<19} {'thr':>3} {'updates':>7} {'s/update':>8} {'spread':>6} "
+            f"{'updates/s':>9} {'x floor':>7} {'r1 s/upd':>8} {'startup s':>9} {'acc r1':>7} {'peak MB':>7}")
     lines = [head, "-" * len(head)]
-    floor = {r["workload"]: r for r in results if r["contender"] == "floor" and "error" not in r}
-    for r in results:
-        if "error" in r or "not_run" in r:
-            why = r.get("not_run") or r["error"]
+    floor = {r["workload"]: r for r in rows if r["contender"] == "floor" and "s_per_update" in r}
+    for r in rows:
+        if "s_per_update" not in r:
+            why = r.get("not_run") or "; ".join(r["errors"])
             lines.append(f"{r['workload']:<9} {r['contender']:<19} not run: {why}")
             continue
-        ups = r["updates"] / r["rounds_s"]
         f = floor.get(r["workload"])
-        ratio = f"{r['rounds_s'] / r['updates'] / (f['rounds_s'] / f['updates']):8.2f}" if f else f"{'-':>8}"
+        ratio = f"{r['s_per_update'] / f['s_per_update']:7.2f}" if f else f"{'-':>7}"
         acc = f"{r['acc_round1'] * 100:7.2f}" if r.get("acc_round1") is not None else f"{'-':>7}"
         if r["contender"] == "fedslim-process":
-            thr = f"{r['threads']}x{r.get('workers', '?')}"
+            thr = f"{r['threads']}x{r.get('workers') or '?'}"
         else:
             thr = f"{r['threads']}x2" if r["contender"] in ("fedslim-ray", "flower") else str(r["threads"])
-        lines.append(f"{r['workload']:<9} {r['contender']:<19} {thr:>3} {r['updates']:>7} {r['rounds_s']:9.2f} "
-                     f"{ups:9.2f} {ratio} {r['startup_s']:9.1f} {acc} {r['peak_mb']:8.0f}")
+        lines.append(f"{r['workload']:<9} {r['contender']:<19} {thr:>3} {r['updates']:>7} {r['s_per_update']:8.3f} "
+                     f"{r['spread'] * 100:5.0f}% {1 / r['s_per_update']:9.2f} {ratio} "
+                     f"{r['first_s_per_update']:8.3f} {r['startup_s']:9.1f} {acc} {r['peak_mb']:7.0f}")
     return "\n".join(lines)
 
 
-def goals(results: list[dict[str, Any]]) -> list[str]:
-    by = {(r["workload"], r["contender"]): r for r in results if "error" not in r and "not_run" not in r}
+def goals(rows: list[dict[str, Any]]) -> list[str]:
+    by = {(r["workload"], r["contender"]): r for r in rows if "s_per_update" in r}
     out = []
     for wl in WORKLOADS:
-        base = by.get((wl, "fedslim-serial"))
-        if base is None:
-            continue
         for mine in ("fedslim-serial", "fedslim-serial-1t", "fedslim-process"):
             m = by.get((wl, mine))
             if m is None:
                 continue
-            t = m["rounds_s"] / m["updates"]
             label = f"{mine} (default: auto = process on CPU)" if mine == DEFAULT_CPU else mine
             for peer, goal in (("flower", 2.5), ("pfl", 1.0)):
                 p = by.get((wl, peer))
                 if p is not None:
-                    speed = (p["rounds_s"] / p["updates"]) / t
+                    speed = p["s_per_update"] / m["s_per_update"]
                     verdict = "met" if speed >= goal else "NOT met"
                     out.append(f"{wl}: {label} runs {speed:.2f}x as fast as {peer} (goal >= {goal:g}x): {verdict}")
-        ref = base["acc_round1"]
+        base = by.get((wl, "fedslim-serial")) or by.get((wl, "fedslim-serial-1t"))
+        ref = base["acc_round1"] if base else None
         for c in ("fedslim-process", "fedslim-vectorized", "fedslim-ray", "flower", "pfl"):
             r = by.get((wl, c))
             if r is not None and r.get("acc_round1") is not None and ref is not None:
-                out.append(f"{wl}: round-1 accuracy {c} {r['acc_round1'] * 100:.2f} vs serial {ref * 100:.2f} "
-                           f"(diff {abs(r['acc_round1'] - ref) * 100:.2f} points)")
+                out.append(f"{wl}: round-1 accuracy {c} {r['acc_round1'] * 100:.2f} vs {base['contender']} "
+                           f"{ref * 100:.2f} (diff {abs(r['acc_round1'] - ref) * 100:.2f} points)")
     return out
 
 
@@ -171,29 +207,39 @@ def main() -> int:
     ap.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=sorted(WORKLOADS))
     ap.add_argument("--contenders", nargs="+", default=CONTENDERS)
     ap.add_argument("--rounds", type=int, default=None, help="override every workload's rounds")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="run every contender this many times, interleaved; the table shows medians")
     ap.add_argument("--json", help="also write every figure to this file")
     args = ap.parse_args()
     import torch
 
     print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} at start")
-    results = []
+    runs = []
     for wl in args.workloads:
         print(f"\n== {WORKLOADS[wl].describe()}", flush=True)
-        for c in args.contenders:
-            if (wl, c) in NOT_RUN:
-                results.append({"contender": c, "workload": wl, "not_run": NOT_RUN[(wl, c)]})
-                continue
-            r = run_contender(c, wl, args.data_dir, args.rounds)
-            msg = r.get("error") or f"{r['updates']} updates in {r['rounds_s']:.2f} s"
-            print(f"   {c:<19} {msg}  (wall {r['wall_s']:.0f} s)", flush=True)
-            results.append(r)
+        for rep in range(args.repeat):
+            for c in args.contenders:
+                if (wl, c) in NOT_RUN:
+                    if rep == 0:
+                        runs.append({"contender": c, "workload": wl, "not_run": NOT_RUN[(wl, c)]})
+                    continue
+                r = run_contender(c, wl, args.data_dir, args.rounds)
+                if "error" in r:
+                    msg = r["error"]
+                else:
+                    msg = (f"{r['updates']} updates, rounds " + " + ".join(f"{t:.2f}" for t in r["round_s"])
+                           + " s")
+                print(f"   {c:<19} {msg}  (wall {r['wall_s']:.0f} s)", flush=True)
+                runs.append(r)
     print(f"\nload average {os.getloadavg()[0]:.2f} at the end\n")
-    print(fmt_table(results))
+    rows = summarize(runs)
+    print(fmt_table(rows))
     print()
-    for g in goals(results):
+    for g in goals(rows):
         print(g)
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+        Path(args.json).write_text(json.dumps({"runs": runs, "rows": [{k: v for k, v in r.items() if k != "runs"}
+                                                                      for r in rows]}, indent=2) + "\n")
     return 0
 
 

@@ -11,8 +11,10 @@ was written on, two intra-op threads made a LeNet step ~5x slower, not faster); 
 runs each in its own process, so that peak memory is the contender's own and no Ray cluster outlives
 its run. Every contender reports the same figures:
 
-* ``rounds_s``: seconds spent in federated rounds (sending, client training, aggregation), central
-  evaluation and start-up excluded; ``updates``: client updates trained in them.
+* ``round_s``: seconds of each federated round (sending, client training, aggregation), central
+  evaluation and start-up excluded; ``updates``: client updates trained in all of them. The first
+  round also holds each contender's lazy one-time work (imports, kernel generation, Ray actors'
+  first task), so compare.py reports the rounds after it apart.
 * ``startup_s``: everything before the first round (data, Ray cluster and workers, ...).
 * ``acc_round1``: accuracy of the global model on the MNIST test set after round 1, to check that
   the contenders ran the same workload.
@@ -50,7 +52,8 @@ def run_fedslim(w: Workload, backend: str, data_dir: str, threads: int | None) -
         timings = read_jsonl(runner.run_dir / "timings.jsonl")
         rows = read_jsonl(runner.run_dir / "metrics.jsonl")
     total = time.perf_counter() - T0
-    rounds_s = sum(t["plan_down_s"] + t["clients_s"] + t["up_aggregate_s"] for t in timings)
+    round_s = [t["plan_down_s"] + t["clients_s"] + t["up_aggregate_s"] for t in timings]
+    rounds_s = sum(round_s)
     eval_s = sum(t["eval_s"] for t in timings)
     ev = rows[0]["eval"]
     acc = ev["global"]["acc"] if "global" in ev else ev[next(iter(ev))]["acc"]
@@ -58,7 +61,7 @@ def run_fedslim(w: Workload, backend: str, data_dir: str, threads: int | None) -
     # it prepares the evaluated model, and neither the floor nor a peer does it. It is reported apart.
     parts = {k: round(sum(t.get(k, 0.0) for t in timings), 3)
              for k in ("plan_down_s", "clients_s", "up_aggregate_s", "bn_query_s")}
-    return {"updates": sum(len(c["bytes_up"]) for r in rows for c in r["comm"]), "rounds_s": rounds_s, **parts,
+    return {"updates": sum(len(c["bytes_up"]) for r in rows for c in r["comm"]), "round_s": round_s, **parts,
             "startup_s": total - rounds_s - eval_s - parts["bn_query_s"], "acc_round1": acc,
             "acc_label": "global" if "global" in ev else next(iter(ev))}
 
@@ -93,8 +96,9 @@ def run_floor(w: Workload, data_dir: str) -> dict[str, Any]:
         opts[rate] = torch.optim.Adam(models[rate].parameters(), lr=w.lr)
     gen = torch.Generator().manual_seed(0)
     t0 = time.perf_counter()
-    updates = 0
+    updates, round_s = 0, []
     for cohort in s.cohorts:
+        t_round = time.perf_counter()
         for c in cohort:
             model, opt = models[levels[c]], opts[levels[c]]
             n = len(s.parts[c])
@@ -106,8 +110,8 @@ def run_floor(w: Workload, data_dir: str) -> dict[str, Any]:
                 loss.backward()
                 opt.step()
             updates += 1
-    rounds_s = time.perf_counter() - t0
-    return {"updates": updates, "rounds_s": rounds_s, "startup_s": t0 - T0, "acc_round1": None}
+        round_s.append(time.perf_counter() - t_round)
+    return {"updates": updates, "round_s": round_s, "startup_s": t0 - T0, "acc_round1": None}
 
 
 def main() -> int:
@@ -146,7 +150,9 @@ def main() -> int:
                 "torch": torch.__version__, "threads": 1 if args.contender in ("fedslim-ray", "flower")
                 else torch.get_num_threads()})
     if args.contender == "fedslim-process":
-        res["workers"] = os.cpu_count() or 1  # the backend's default: one worker per core
+        from fedslim.engine.process_backend import usable_cpus
+
+        res["workers"] = usable_cpus()  # the backend's default: one worker per usable core
     print("RESULT " + json.dumps(res), flush=True)
     return 0
 

@@ -130,6 +130,6 @@ def run_flower(w: Workload, data_dir: str, t0: float) -> dict[str, Any]:
     rounds = sorted(_TIMES["end"])
     if len(rounds) != w.rounds:
         raise SystemExit(f"flower: finished {len(rounds)} of {w.rounds} rounds")
-    rounds_s = sum(_TIMES["end"][r] - _TIMES["start"][r] for r in rounds)
-    return {"updates": _TIMES["updates"], "rounds_s": rounds_s, "startup_s": _TIMES["start"][1] - t0,
+    round_s = [_TIMES["end"][r] - _TIMES["start"][r] for r in rounds]
+    return {"updates": _TIMES["updates"], "round_s": round_s, "startup_s": _TIMES["start"][1] - t0,
             "acc_round1": _TIMES["acc"].get(1)}

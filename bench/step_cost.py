@@ -1,0 +1,110 @@
+"""What fedslim's host settings (fedslim.engine.host) do to one client training step on one core.
+
+    python bench/step_cost.py [--model lenet5] [--trials 7] [--steps 60] [--json FILE]
+
+LeNet-5 on MNIST-shaped batches of 64 with Adam, one torch thread. Variants: the plain loop (NCHW,
+torch's default Adam, glibc's allocator defaults), then channels-last, fused Adam, both, and all
+three with the allocator settings. The allocator settings cannot be undone inside a process, so the
+variants with and without them run in two child processes, one after the other; inside each, the
+variants' trials are interleaved so that a machine that slows down slows all of them. Reported: the
+median ms per step over the trials, page faults per step, and each variant's speed-up over the plain
+loop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+VARIANTS = {False: ["plain", "channels_last", "fused", "channels_last+fused"], True: ["all (+ allocator)"]}
+
+
+def measure(malloc: bool, model: str, trials: int, steps: int) -> dict[str, dict[str, float]]:
+    import torch
+    import torch.nn.functional as F
+
+    from fedslim.engine.host import tune_malloc
+    from fedslim.models import build_model
+
+    torch.set_num_threads(1)
+    if malloc:
+        tune_malloc()
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(1200, 1, 28, 28, generator=g), torch.randint(0, 10, (1200,), generator=g)
+
+    def make(variant: str) -> Any:
+        torch.manual_seed(0)
+        m = build_model(model, num_classes=10, input_shape=(1, 28, 28))
+        cl = "channels_last" in variant or variant.startswith("all")
+        if cl:
+            m = m.to(memory_format=torch.channels_last)
+        fused = "fused" in variant or variant.startswith("all")
+        opt = torch.optim.Adam(m.parameters(), lr=1e-3, fused=True if fused else None)
+        gen = torch.Generator().manual_seed(1)
+
+        def step() -> None:
+            idx = torch.randint(0, len(y), (64,), generator=gen)
+            loss = F.cross_entropy(m(x[idx]), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        return step
+
+    names = VARIANTS[malloc]
+    steps_of = {v: make(v) for v in names}
+    for v in names:  # warm-up: first-use costs out of the trials
+        for _ in range(20):
+            steps_of[v]()
+    ms: dict[str, list[float]] = {v: [] for v in names}
+    faults: dict[str, list[float]] = {v: [] for v in names}
+    for _ in range(trials):
+        for v in names:
+            f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            t = time.perf_counter()
+            for _ in range(steps):
+                steps_of[v]()
+            ms[v].append((time.perf_counter() - t) / steps * 1e3)
+            faults[v].append((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0) / steps)
+    return {v: {"ms_per_step": statistics.median(ms[v]), "spread": (max(ms[v]) - min(ms[v])) / statistics.median(ms[v]),
+                "faults_per_step": statistics.median(faults[v])} for v in names}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="lenet5")
+    ap.add_argument("--trials", type=int, default=7)
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--json", help="also write the figures to this file")
+    ap.add_argument("--child", choices=["plain", "tuned"], help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        res = measure(args.child == "tuned", args.model, args.trials, args.steps)
+        print("RESULT " + json.dumps(res), flush=True)
+        return 0
+    results: dict[str, dict[str, float]] = {}
+    for child in ("plain", "tuned"):
+        out = subprocess.run([sys.executable, __file__, "--child", child, "--model", args.model, "--trials",
+                              str(args.trials), "--steps", str(args.steps)], capture_output=True, text=True,
+                             check=True).stdout
+        results.update(json.loads(next(ln for ln in out.splitlines() if ln.startswith("RESULT "))[7:]))
+    base = results["plain"]["ms_per_step"]
+    print(f"{args.model}, batch 64, Adam, 1 thread; median of {args.trials} interleaved trials of {args.steps} steps")
+    print(f"{'variant':<22} {'ms/step':>8} {'spread':>7} {'faults/step':>11} {'speed-up':>8}")
+    for v, r in results.items():
+        r["speedup"] = base / r["ms_per_step"]
+        print(f"{v:<22} {r['ms_per_step']:8.2f} {r['spread'] * 100:6.0f}% {r['faults_per_step']:11.0f} "
+              f"{r['speedup']:7.2f}x")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,39 @@
+"""bench/compare.py's arithmetic: the headline leaves the first round out, repeats reduce to medians,
+and goals compare seconds per update."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+compare = pytest.importorskip("compare")
+
+
+def _run(contender: str, rounds: list[float], per_round: int = 25, **extra: object) -> dict:
+    return {"workload": "lenet", "contender": contender, "round_s": rounds, "updates": per_round * len(rounds),
+            "startup_s": 3.0, "acc_round1": 0.9, "threads": 1, "peak_mb": 100.0, **extra}
+
+
+def test_steady_state_leaves_out_the_first_round() -> None:
+    assert compare.steady(_run("x", [30.0, 10.0, 12.0])) == (50, 22.0)
+    assert compare.steady(_run("x", [30.0])) == (25, 30.0)  # one round: nothing to leave out
+
+
+def test_repeats_reduce_to_the_median_and_goals_use_it() -> None:
+    runs = [_run("fedslim-process", [20.0, 10.0]), _run("fedslim-process", [20.0, 12.5]),
+            _run("fedslim-process", [20.0, 30.0]), _run("flower", [40.0, 25.0]),
+            {"workload": "lenet", "contender": "pfl", "error": "exit 1: boom"}]
+    rows = {r["contender"]: r for r in compare.summarize(runs)}
+    proc = rows["fedslim-process"]
+    assert proc["s_per_update"] == pytest.approx(12.5 / 25)
+    assert proc["first_s_per_update"] == pytest.approx(20.0 / 25)
+    assert proc["spread"] == pytest.approx((30.0 - 10.0) / 12.5)
+    assert "s_per_update" not in rows["pfl"] and rows["pfl"]["errors"] == ["exit 1: boom"]
+    assert "pfl" in compare.fmt_table(list(rows.values())) and "not run: exit 1: boom" in compare.fmt_table(
+        list(rows.values()))
+    lines = compare.goals(list(rows.values()))
+    assert "lenet: fedslim-process (default: auto = process on CPU) runs 2.00x as fast as flower " \
+           "(goal >= 2.5x): NOT met" in lines
