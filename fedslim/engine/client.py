@@ -24,7 +24,7 @@ def _fusable(params: list[nn.Parameter]) -> bool:
 def build_optimizer(params: list[nn.Parameter], train: LocalTrain) -> torch.optim.Optimizer:
     o = train.optimizer
     # The fused step does the same arithmetic as the per-tensor loop in one pass over each tensor; on
-    # a LeNet it is ~10 % of a CPU step faster. Numbers agree to the last bits of float32.
+    # a one-core LeNet step it saved ~7 % (bench/step_cost.py). Numbers agree to the last bits of float32.
     fused = _fusable(params) or None
     if o.name == "sgd":
         return torch.optim.SGD(params, lr=train.lr, momentum=o.momentum, nesterov=o.nesterov and o.momentum > 0,

@@ -1,22 +1,23 @@
-"""How client training uses the host: the allocator's settings and the memory layout of image models.
+"""How client training uses the host: the allocator's settings, one-time costs, and the memory layout
+of image models.
 
-Both are engine choices: they change speed, not what is computed (the layout changes which kernels
+These are engine choices: they change speed, not what is computed (the layout changes which kernels
 run, so float32 results may differ in their last bits, as with the thread count).
 
 Allocator. A LeNet step on MNIST frees and allocates several megabyte-sized buffers. With glibc's
 defaults the top of the heap is given back to the kernel when a step frees them and faulted in again
-(zero-filled) by the next, about a thousand page faults per step, 10-25 % of a small model's step on
-one core. Fixing the mmap threshold at glibc's own ceiling for it (32 MiB) and raising the trim
-threshold keeps that memory in the process: ~7x fewer faults. The price is up to 128 MiB of freed heap
-kept per process. Forked workers inherit the settings; Ray actors set them themselves.
+(zero-filled) by the next: bench/step_cost.py counted 744 page faults per one-core LeNet step.
+Fixing the mmap threshold at glibc's own ceiling for it (32 MiB) and raising the trim threshold keeps
+that memory in the process (0 faults per step there). The price is up to 128 MiB of freed heap kept
+per process. Forked workers inherit the settings; Ray actors set them themselves.
 
 Warm-up. torch's first optimizer imports ``torch._dynamo`` (~2 s on these CPUs). A process that is
 going to train does it once when it starts (the driver before it forks its workers, each Ray actor),
 not inside its first client update.
 
 Layout. On the CPU, oneDNN's convolutions and max-pooling run faster on channels-last (NHWC) tensors
-than on NCHW; a LeNet step on one core is ~1.3x faster. On CUDA in float32 the gain is not general,
-so ``auto`` keeps NCHW there.
+than on NCHW; a LeNet step on one core is ~1.3x faster (bench/step_cost.py). On CUDA in float32 the
+gain is not general, so ``auto`` keeps NCHW there.
 """
 
 from __future__ import annotations
