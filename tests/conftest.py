@@ -33,3 +33,22 @@ def tiny_cfg(tmp_path: Path) -> dict:
         "federation": {"rounds": 3, "participation": 0.5},
         "engine": {"progress": False},
     }
+
+
+@pytest.fixture
+def toy_tasks() -> tuple[object, list[object]]:
+    """A client store of 6 clients x 20 synthetic 1x8x8 samples and one Adam train task per client (MLP)."""
+    from fedslim.config import OptimizerConfig
+    from fedslim.data.types import DatasetBundle, TensorData
+    from fedslim.engine.store import ClientStore
+    from fedslim.engine.task import ClientTask, LocalTrain, ModelSpec
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(120, 1, 8, 8, generator=g), torch.randint(0, 3, (120,), generator=g)
+    store = ClientStore(DatasetBundle("toy", TensorData(x, y), TensorData(x[:4], y[:4]), 3, (1, 8, 8)),
+                        list(torch.arange(120).chunk(6)))
+    spec = ModelSpec.make("mlp", 3, (1, 8, 8))
+    torch.manual_seed(0)
+    state = spec.build().state_dict()
+    tr = LocalTrain(1, 8, OptimizerConfig(name="adam", lr=1e-3), 1e-3)
+    return store, [ClientTask(client=c, round=1, spec=spec, state=state, train=tr, seed=c) for c in range(6)]

@@ -14,14 +14,14 @@ import torch
 from torch import nn
 
 from fedslim.algorithms.fedavg import FedAvg
-from fedslim.config import OptimizerConfig, validate
-from fedslim.data.types import DatasetBundle, TensorData
+from fedslim.config import validate
+from fedslim.data.types import TensorData
 from fedslim.engine import process_backend
 from fedslim.engine.backends import SerialBackend
 from fedslim.engine.process_backend import FAIL_ONCE_EXTRA, ProcessBackend
 from fedslim.engine.run import Runner
 from fedslim.engine.store import ClientStore
-from fedslim.engine.task import ClientResult, ClientTask, LocalTrain, ModelSpec
+from fedslim.engine.task import ClientResult, ClientTask
 from fedslim.engine.vectorized import auto_backend
 from fedslim.registry import CLIENT_PROCEDURES
 from fedslim.results import read_jsonl
@@ -84,16 +84,8 @@ def serial_rows(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
 
 
 @pytest.fixture
-def toy() -> tuple[ClientStore, list[ClientTask]]:
-    g = torch.Generator().manual_seed(0)
-    x, y = torch.randn(120, 1, 8, 8, generator=g), torch.randint(0, 3, (120,), generator=g)
-    store = ClientStore(DatasetBundle("toy", TensorData(x, y), TensorData(x[:4], y[:4]), 3, (1, 8, 8)),
-                        list(torch.arange(120).chunk(6)))
-    spec = ModelSpec.make("mlp", 3, (1, 8, 8))
-    torch.manual_seed(0)
-    state = spec.build().state_dict()
-    tr = LocalTrain(1, 8, OptimizerConfig(name="adam", lr=1e-3), 1e-3)
-    return store, [ClientTask(client=c, round=1, spec=spec, state=state, train=tr, seed=c) for c in range(6)]
+def toy(toy_tasks: tuple[ClientStore, list[ClientTask]]) -> tuple[ClientStore, list[ClientTask]]:
+    return toy_tasks
 
 
 def _same(a: list[ClientResult], b: list[ClientResult]) -> None:

@@ -7,16 +7,17 @@ import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
 from fedslim.algorithms.fedavg import FedAvg
-from fedslim.config import OptimizerConfig, validate
+from fedslim.config import validate
 from fedslim.engine.backends import SerialBackend
 from fedslim.engine.ray_backend import FAIL_ONCE_EXTRA, RayBackend, import_ray
 from fedslim.engine.run import Runner
-from fedslim.engine.task import ClientTask, LocalTrain, ModelSpec
+from fedslim.engine.task import ClientTask
 from fedslim.results import read_jsonl
 
 
@@ -80,19 +81,9 @@ def test_worker_killed_mid_round_is_retried(ray_cluster: object, serial_rows: li
 
 
 @pytest.mark.ray
-def test_backend_retries_on_a_fresh_worker(ray_cluster: object, tmp_path: Path) -> None:
-    from fedslim.data.types import DatasetBundle, TensorData
-    from fedslim.engine.store import ClientStore
-
-    g = torch.Generator().manual_seed(0)
-    x, y = torch.randn(120, 1, 8, 8, generator=g), torch.randint(0, 3, (120,), generator=g)
-    store = ClientStore(DatasetBundle("toy", TensorData(x, y), TensorData(x[:4], y[:4]), 3, (1, 8, 8)),
-                        list(torch.arange(120).chunk(6)))
-    spec = ModelSpec.make("mlp", 3, (1, 8, 8))
-    torch.manual_seed(0)
-    state = spec.build().state_dict()
-    tr = LocalTrain(1, 8, OptimizerConfig(name="adam", lr=1e-3), 1e-3)
-    tasks = [ClientTask(client=c, round=1, spec=spec, state=state, train=tr, seed=c) for c in range(6)]
+def test_backend_retries_on_a_fresh_worker(ray_cluster: object, tmp_path: Path,
+                                           toy_tasks: tuple[Any, list[ClientTask]]) -> None:
+    store, tasks = toy_tasks
     expected = SerialBackend(store).run(tasks)
     tasks[4].extras[FAIL_ONCE_EXTRA] = str(tmp_path / "died")
     backend = RayBackend(store, workers=2)
