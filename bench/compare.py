@@ -36,6 +36,11 @@ NOT_RUN = {
     ("heterofl", "flower"): "no HeteroFL in Flower (its strategies send one model to every client)",
     ("heterofl", "pfl"): "no HeteroFL in pfl (one PyTorchModel shared by every user)",
 }
+# Not run with --device cuda, and why.
+CPU_ONLY = {"flower": "CPU only in this benchmark's peer script", "pfl": "CPU only in this benchmark's peer script",
+            "fedslim-process": "CPU only (forked workers cannot use CUDA)"}
+# The GPU goal: on CUDA, vectorized cohorts at least this many times as fast as serial.
+GPU_GOAL = 10.0
 TIMEOUT_S = 600
 
 
@@ -77,8 +82,9 @@ def tree_pss_mb(root: int) -> float:
     return total / 1024
 
 
-def run_contender(name: str, workload: str, data_dir: str, rounds: int | None) -> dict[str, Any]:
-    cmd = [sys.executable, str(HERE / "contender.py"), name, workload, "--data-dir", data_dir]
+def run_contender(name: str, workload: str, data_dir: str, rounds: int | None,
+                  device: str = "cpu") -> dict[str, Any]:
+    cmd = [sys.executable, str(HERE / "contender.py"), name, workload, "--data-dir", data_dir, "--device", device]
     if rounds:
         cmd += ["--rounds", str(rounds)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]),
@@ -176,10 +182,19 @@ def fmt_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def goals(rows: list[dict[str, Any]]) -> list[str]:
+def goals(rows: list[dict[str, Any]], device: str = "cpu") -> list[str]:
     by = {(r["workload"], r["contender"]): r for r in rows if "s_per_update" in r}
     out = []
     for wl in WORKLOADS:
+        ser, vec = by.get((wl, "fedslim-serial")), by.get((wl, "fedslim-vectorized"))
+        if ser is not None and vec is not None:
+            speed = ser["s_per_update"] / vec["s_per_update"]
+            if device == "cpu":
+                verdict = "the goal is for a GPU; this run is on the CPU"
+            else:
+                verdict = "met" if speed >= GPU_GOAL else "NOT met"
+            out.append(f"{wl} on {device}: fedslim-vectorized runs {speed:.2f}x as fast as fedslim-serial "
+                       f"(goal >= {GPU_GOAL:g}x on a GPU): {verdict}")
         for mine in ("fedslim-serial", "fedslim-serial-1t", "fedslim-process"):
             m = by.get((wl, mine))
             if m is None:
@@ -209,21 +224,27 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=None, help="override every workload's rounds")
     ap.add_argument("--repeat", type=int, default=1,
                     help="run every contender this many times, interleaved; the table shows medians")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                    help="where the floor and fedslim's contenders train; Flower and pfl are not run on cuda")
     ap.add_argument("--json", help="also write every figure to this file")
     args = ap.parse_args()
     import torch
 
-    print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} at start")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: torch sees no CUDA device here (torch " + torch.__version__ + ")")
+    gpu = f", {torch.cuda.get_device_name()}" if args.device == "cuda" else ""
+    print(f"torch {torch.__version__}, {os.cpu_count()} CPUs{gpu}, load average {os.getloadavg()[0]:.2f} at start")
     runs = []
     for wl in args.workloads:
         print(f"\n== {WORKLOADS[wl].describe()}", flush=True)
         for rep in range(args.repeat):
             for c in args.contenders:
-                if (wl, c) in NOT_RUN:
+                why = NOT_RUN.get((wl, c)) or (CPU_ONLY.get(c) if args.device != "cpu" else None)
+                if why:
                     if rep == 0:
-                        runs.append({"contender": c, "workload": wl, "not_run": NOT_RUN[(wl, c)]})
+                        runs.append({"contender": c, "workload": wl, "not_run": why})
                     continue
-                r = run_contender(c, wl, args.data_dir, args.rounds)
+                r = run_contender(c, wl, args.data_dir, args.rounds, args.device)
                 if "error" in r:
                     msg = r["error"]
                 else:
@@ -235,7 +256,7 @@ def main() -> int:
     rows = summarize(runs)
     print(fmt_table(rows))
     print()
-    for g in goals(rows):
+    for g in goals(rows, args.device):
         print(g)
     if args.json:
         Path(args.json).write_text(json.dumps({"runs": runs, "rows": [{k: v for k, v in r.items() if k != "runs"}

@@ -40,13 +40,13 @@ from workloads import DEFAULT_DATA, WORKLOADS, Workload, batches, fedslim_config
 T0 = time.perf_counter()
 
 
-def run_fedslim(w: Workload, backend: str, data_dir: str, threads: int | None) -> dict[str, Any]:
+def run_fedslim(w: Workload, backend: str, data_dir: str, threads: int | None, device: str) -> dict[str, Any]:
     from fedslim.config import validate
     from fedslim.engine.run import Runner
     from fedslim.results import read_jsonl
 
     with tempfile.TemporaryDirectory() as tmp:
-        runner = Runner(validate(fedslim_config(w, backend, data_dir, tmp, threads)), progress=False,
+        runner = Runner(validate(fedslim_config(w, backend, data_dir, tmp, threads, device)), progress=False,
                         out=open(os.devnull, "w"))  # noqa: SIM115
         runner.run()
         timings = read_jsonl(runner.run_dir / "timings.jsonl")
@@ -78,21 +78,21 @@ def client_levels(w: Workload) -> list[float]:
     return [rate for (_, rate, _), k in zip(split, counts, strict=True) for _ in range(k)]
 
 
-def run_floor(w: Workload, data_dir: str) -> dict[str, Any]:
+def run_floor(w: Workload, data_dir: str, device: str) -> dict[str, Any]:
     """A bare torch loop: for every client update of the workload, the same number of optimizer
     steps at the same batch sizes on a model of the same width, drawn from the whole training set;
     one model per width, no federation, no copies of weights, nothing sent anywhere."""
     from fedslim.models import build_model
 
     s = setup(w, data_dir)
-    x, y = s.bundle.train.x, s.bundle.train.y
+    x, y = s.bundle.train.x.to(device), s.bundle.train.y.to(device)
     levels = client_levels(w)
     models, opts = {}, {}
     for rate in sorted(set(levels)):
         opts_kw = {"track_running_stats": False, "scaler_rate": rate} if w.algorithm == "heterofl" else {}
         torch.manual_seed(0)
         models[rate] = build_model(w.model, num_classes=s.bundle.num_classes, input_shape=s.bundle.input_shape,
-                                   width=rate, **opts_kw)
+                                   width=rate, **opts_kw).to(device)
         opts[rate] = torch.optim.Adam(models[rate].parameters(), lr=w.lr)
     gen = torch.Generator().manual_seed(0)
     t0 = time.perf_counter()
@@ -110,6 +110,8 @@ def run_floor(w: Workload, data_dir: str) -> dict[str, Any]:
                 loss.backward()
                 opt.step()
             updates += 1
+        if device != "cpu":
+            torch.cuda.synchronize()
         round_s.append(time.perf_counter() - t_round)
     return {"updates": updates, "round_s": round_s, "startup_s": t0 - T0, "acc_round1": None}
 
@@ -121,6 +123,8 @@ def main() -> int:
     ap.add_argument("--data-dir", default=DEFAULT_DATA)
     ap.add_argument("--rounds", type=int, default=None, help="override the workload's rounds")
     ap.add_argument("--epochs", type=int, default=None, help="override the workload's local epochs")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                    help="where the floor and fedslim's contenders train (Flower and pfl: cpu only here)")
     args = ap.parse_args()
     w = WORKLOADS[args.workload]
     if args.rounds or args.epochs:
@@ -129,13 +133,15 @@ def main() -> int:
         w = replace(w, rounds=args.rounds or w.rounds, epochs=args.epochs or w.epochs)
     if args.contender != "fedslim-serial":
         torch.set_num_threads(1)
+    if args.device != "cpu" and not (args.contender == "floor" or args.contender.startswith("fedslim-")):
+        raise SystemExit(f"{args.contender}: runs on the CPU only in this benchmark")
     if args.contender == "floor":
-        res = run_floor(w, args.data_dir)
+        res = run_floor(w, args.data_dir, args.device)
     elif args.contender == "fedslim-serial":
-        res = run_fedslim(w, "serial", args.data_dir, None)
+        res = run_fedslim(w, "serial", args.data_dir, None, args.device)
     elif args.contender.startswith("fedslim-"):
         backend = args.contender.removeprefix("fedslim-").removesuffix("-1t")
-        res = run_fedslim(w, backend, args.data_dir, 1)
+        res = run_fedslim(w, backend, args.data_dir, 1, args.device)
     elif args.contender == "flower":
         from peer_flower import run_flower
 
@@ -146,7 +152,7 @@ def main() -> int:
         res = run_pfl(w, args.data_dir, T0)
     else:
         raise SystemExit(f"unknown contender {args.contender!r}")
-    res.update({"contender": args.contender, "workload": w.name, "rounds": w.rounds,
+    res.update({"contender": args.contender, "workload": w.name, "rounds": w.rounds, "device": args.device,
                 "torch": torch.__version__, "threads": 1 if args.contender in ("fedslim-ray", "flower")
                 else torch.get_num_threads()})
     if args.contender == "fedslim-process":

@@ -59,8 +59,9 @@ WORKLOADS = {
 }
 
 
-def fedslim_config(w: Workload, backend: str, data_dir: str, out: str, threads: int | None = None) -> dict:
-    engine: dict[str, Any] = {"backend": backend, "progress": False}
+def fedslim_config(w: Workload, backend: str, data_dir: str, out: str, threads: int | None = None,
+                   device: str = "cpu") -> dict:
+    engine: dict[str, Any] = {"backend": backend, "device": device, "progress": False}
     if threads:
         engine["threads"] = threads
     return {

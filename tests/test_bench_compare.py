@@ -37,3 +37,15 @@ def test_repeats_reduce_to_the_median_and_goals_use_it() -> None:
     lines = compare.goals(list(rows.values()))
     assert "lenet: fedslim-process (default: auto = process on CPU) runs 2.00x as fast as flower " \
            "(goal >= 2.5x): NOT met" in lines
+
+
+def test_gpu_goal_compares_vectorized_with_serial_and_says_where_it_ran() -> None:
+    rows = compare.summarize([_run("fedslim-serial", [9.0, 5.0]), _run("fedslim-vectorized", [3.0, 0.4])])
+    on_gpu = compare.goals(rows, "cuda")
+    assert "lenet on cuda: fedslim-vectorized runs 12.50x as fast as fedslim-serial (goal >= 10x on a GPU): met" \
+        in on_gpu
+    slow = compare.summarize([_run("fedslim-serial", [9.0, 5.0]), _run("fedslim-vectorized", [3.0, 1.0])])
+    assert any(g.endswith("5.00x as fast as fedslim-serial (goal >= 10x on a GPU): NOT met")
+               for g in compare.goals(slow, "cuda"))
+    on_cpu = compare.goals(rows, "cpu")
+    assert any("on cpu" in g and g.endswith("the goal is for a GPU; this run is on the CPU") for g in on_cpu)
