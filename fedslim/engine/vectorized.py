@@ -226,35 +226,41 @@ class _Optimizer:
             raise ValueError(f"train.optimizer.name: unknown optimizer {self.o.name!r}")
 
     def step(self, params: dict[str, Tensor], grads: dict[str, Tensor], k: int) -> None:
+        # torch._foreach_* ops (what torch.optim's foreach path uses): the same arithmetic per element
+        # as a loop over the tensors, in a handful of kernels, so a GPU step is not launch-bound.
         o, lr = self.o, self.tr.lr
         self.t += 1
+        names = list(grads)
+        ps = [params[n][:k] for n in names]
+        gs = [grads[n] for n in names]
+        if o.weight_decay != 0:
+            gs = torch._foreach_add(gs, ps, alpha=o.weight_decay)
         if o.name == "sgd":
-            if o.momentum > 0 and self.buf is None:
-                self.buf = {n: torch.zeros_like(p) for n, p in params.items()}
-            for n, g in grads.items():
-                p = params[n][:k]
-                d = g.add(p, alpha=o.weight_decay) if o.weight_decay != 0 else g
-                if o.momentum > 0:
-                    assert self.buf is not None
-                    b = self.buf[n][:k]
-                    if self.t == 1:
-                        b.copy_(d)
-                    else:
-                        b.mul_(o.momentum).add_(d)
-                    d = d.add(b, alpha=o.momentum) if o.nesterov else b
-                p.add_(d, alpha=-lr)
+            if o.momentum > 0:
+                if self.buf is None:
+                    self.buf = {n: torch.zeros_like(p) for n, p in params.items()}
+                bufs = [self.buf[n][:k] for n in names]
+                if self.t == 1:
+                    torch._foreach_copy_(bufs, gs)
+                else:
+                    torch._foreach_mul_(bufs, o.momentum)
+                    torch._foreach_add_(bufs, gs)
+                gs = torch._foreach_add(gs, bufs, alpha=o.momentum) if o.nesterov else bufs
+            torch._foreach_add_(ps, gs, alpha=-lr)
             return
         b1, b2 = o.betas
         eps = 1e-8  # torch.optim.Adam's default, which the serial procedure uses
         bc1, bc2 = 1 - b1 ** self.t, 1 - b2 ** self.t
         step_size, bc2_sqrt = lr / bc1, bc2 ** 0.5
-        for n, g in grads.items():
-            p, m, v = params[n][:k], self.m[n][:k], self.v[n][:k]
-            if o.weight_decay != 0:
-                g = g.add(p, alpha=o.weight_decay)
-            m.lerp_(g, 1 - b1)
-            v.mul_(b2).addcmul_(g, g, value=1 - b2)
-            p.addcdiv_(m, (v.sqrt() / bc2_sqrt).add_(eps), value=-step_size)
+        ms = [self.m[n][:k] for n in names]
+        vs = [self.v[n][:k] for n in names]
+        torch._foreach_lerp_(ms, gs, 1 - b1)
+        torch._foreach_mul_(vs, b2)
+        torch._foreach_addcmul_(vs, gs, gs, value=1 - b2)
+        denom = torch._foreach_sqrt(vs)
+        torch._foreach_div_(denom, bc2_sqrt)
+        torch._foreach_add_(denom, eps)
+        torch._foreach_addcdiv_(ps, ms, denom, value=-step_size)
 
 
 def _clip(grads: dict[str, Tensor], max_norm: float) -> dict[str, Tensor]:
