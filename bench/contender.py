@@ -3,11 +3,12 @@
     python bench/contender.py CONTENDER WORKLOAD [--data-dir DIR]
 
 CONTENDER: floor | fedslim-serial | fedslim-serial-1t | fedslim-process | fedslim-vectorized | fedslim-ray |
-flower | pfl. ``fedslim-serial`` runs the serial backend with torch's own thread count; every other
-single-process contender, the floor included, runs torch on one thread (on the 2-core machines this
-was written on, two intra-op threads made a LeNet step ~5x slower, not faster); Ray-based ones
-(fedslim-ray, Flower) run two single-threaded workers, fedslim-process (what fedslim's default
-``auto`` picks on a multi-core CPU) one single-threaded forked worker per core. ``compare.py``
+flower | flower-defaults | pfl. ``fedslim-serial`` runs the serial backend with torch's own thread
+count; every other single-process contender, the floor included, runs torch on one thread. The
+parallel ones run one single-thread client per core: fedslim-process (what fedslim's default ``auto``
+picks on a multi-core CPU) as forked workers, fedslim-ray and flower as Ray actors.
+flower-defaults keeps Flower's default client resources (2 CPUs per virtual client: one client at a
+time on a 2-core machine, torch on the threads Ray gives the actor). ``compare.py``
 runs each in its own process, so that peak memory is the contender's own and no Ray cluster outlives
 its run. Every contender reports the same figures:
 
@@ -142,23 +143,23 @@ def main() -> int:
     elif args.contender.startswith("fedslim-"):
         backend = args.contender.removeprefix("fedslim-").removesuffix("-1t")
         res = run_fedslim(w, backend, args.data_dir, 1, args.device)
-    elif args.contender == "flower":
+    elif args.contender in ("flower", "flower-defaults"):
         from peer_flower import run_flower
 
-        res = run_flower(w, args.data_dir, T0)
+        res = run_flower(w, args.data_dir, T0, defaults=args.contender == "flower-defaults")
     elif args.contender == "pfl":
         from peer_pfl import run_pfl
 
         res = run_pfl(w, args.data_dir, T0)
     else:
         raise SystemExit(f"unknown contender {args.contender!r}")
+    res.setdefault("threads", torch.get_num_threads())  # torch threads per client (Flower reports its own)
     res.update({"contender": args.contender, "workload": w.name, "rounds": w.rounds, "device": args.device,
-                "torch": torch.__version__, "threads": 1 if args.contender in ("fedslim-ray", "flower")
-                else torch.get_num_threads()})
-    if args.contender == "fedslim-process":
+                "torch": torch.__version__})
+    if args.contender in ("fedslim-process", "fedslim-ray"):
         from fedslim.engine.process_backend import usable_cpus
 
-        res["workers"] = usable_cpus()  # the backend's default: one worker per usable core
+        res["workers"] = usable_cpus()  # both backends' default: one single-thread worker per usable core
     print("RESULT " + json.dumps(res), flush=True)
     return 0
 

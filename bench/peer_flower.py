@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from workloads import Setup, Workload, accuracy, as_dict, batches, setup
 
 _CACHE: dict[str, Setup] = {}
-_TIMES: dict[str, Any] = {"start": {}, "end": {}, "acc": {}, "eval_s": 0.0, "updates": 0}
+_TIMES: dict[str, Any] = {"start": {}, "end": {}, "acc": {}, "eval_s": 0.0, "updates": 0, "threads": None}
 
 
 def _setup() -> Setup:
@@ -50,7 +50,8 @@ def make_apps() -> tuple[Any, Any]:
 
     @client_app.train()
     def train(msg: Message, context: Context) -> Message:
-        torch.set_num_threads(1)
+        if os.environ.get("FEDSLIM_BENCH_FLOWER_DEFAULTS") != "1":
+            torch.set_num_threads(1)
         s = _setup()
         w = s.workload
         cfg = msg.content["config"]
@@ -70,7 +71,8 @@ def make_apps() -> tuple[Any, Any]:
                 loss.backward()
                 opt.step()
         content = RecordDict({"arrays": ArrayRecord(model.state_dict()),
-                              "metrics": MetricRecord({"num-examples": len(y)})})
+                              "metrics": MetricRecord({"num-examples": len(y),
+                                                       "torch-threads": torch.get_num_threads()})})
         return Message(content=content, reply_to=msg)
 
     class CohortFedAvg(FedAvg):
@@ -90,6 +92,7 @@ def make_apps() -> tuple[Any, Any]:
             out = super().aggregate_train(server_round, replies)
             _TIMES["end"][server_round] = time.perf_counter()
             _TIMES["updates"] += sum(1 for r in replies if not r.has_error())
+            _TIMES["threads"] = max(int(r.content["metrics"]["torch-threads"]) for r in replies if not r.has_error())
             return out
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
@@ -114,22 +117,30 @@ def make_apps() -> tuple[Any, Any]:
     return server_app, client_app
 
 
-def run_flower(w: Workload, data_dir: str, t0: float) -> dict[str, Any]:
+def run_flower(w: Workload, data_dir: str, t0: float, defaults: bool = False) -> dict[str, Any]:
+    """``defaults``: Flower's own client resources (2 CPUs per virtual client, so one client at a time
+    on a 2-core machine, torch on the threads Ray gives it) instead of one CPU and one torch thread
+    per client, two clients at a time."""
     from flwr.simulation import run_simulation
 
     if w.algorithm != "fedavg":
         raise SystemExit(f"flower: no {w.algorithm} here")
     # Node processes (Ray actors) inherit the environment: it tells them the workload.
-    os.environ.update({"FEDSLIM_BENCH_WORKLOAD": json.dumps(as_dict(w)), "FEDSLIM_BENCH_DATA": data_dir})
+    os.environ.update({"FEDSLIM_BENCH_WORKLOAD": json.dumps(as_dict(w)), "FEDSLIM_BENCH_DATA": data_dir,
+                       "FEDSLIM_BENCH_FLOWER_DEFAULTS": "1" if defaults else "0"})
     logging.getLogger("flwr").setLevel(logging.WARNING)
     server_app, client_app = make_apps()
     cpus = os.cpu_count() or 1
+    backend_config: dict[str, Any] = {"init_args": {"num_cpus": cpus, "include_dashboard": False}}
+    if not defaults:
+        backend_config["client_resources"] = {"num_cpus": 1, "num_gpus": 0.0}
     run_simulation(server_app=server_app, client_app=client_app, num_supernodes=w.clients,
-                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                                   "init_args": {"num_cpus": cpus, "include_dashboard": False}})
+                   backend_config=backend_config)
     rounds = sorted(_TIMES["end"])
     if len(rounds) != w.rounds:
         raise SystemExit(f"flower: finished {len(rounds)} of {w.rounds} rounds")
     round_s = [_TIMES["end"][r] - _TIMES["start"][r] for r in rounds]
+    # Clients at a time: Ray runs as many as the CPUs hold client_resources' num_cpus.
+    workers = cpus // 2 if defaults else cpus
     return {"updates": _TIMES["updates"], "round_s": round_s, "startup_s": _TIMES["start"][1] - t0,
-            "acc_round1": _TIMES["acc"].get(1)}
+            "acc_round1": _TIMES["acc"].get(1), "threads": _TIMES["threads"], "workers": max(1, workers)}

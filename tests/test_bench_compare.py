@@ -49,3 +49,12 @@ def test_gpu_goal_compares_vectorized_with_serial_and_says_where_it_ran() -> Non
                for g in compare.goals(slow, "cuda"))
     on_cpu = compare.goals(rows, "cpu")
     assert any("on cpu" in g and g.endswith("the goal is for a GPU; this run is on the CPU") for g in on_cpu)
+
+
+def test_accuracy_check_falls_back_to_the_process_backend_and_flower_defaults_has_a_goal() -> None:
+    rows = compare.summarize([_run("fedslim-process", [20.0, 10.0]),
+                              _run("flower-defaults", [40.0, 30.0], acc_round1=0.8)])
+    lines = compare.goals(rows)
+    assert "lenet: round-1 accuracy flower-defaults 80.00 vs fedslim-process 90.00 (diff 10.00 points)" in lines
+    assert not any("accuracy fedslim-process" in g for g in lines)  # the reference is not compared to itself
+    assert any(g.startswith("lenet: fedslim-process") and "3.00x as fast as flower-defaults" in g for g in lines)
