@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -33,6 +34,26 @@ def tiny_cfg(tmp_path: Path) -> dict:
         "federation": {"rounds": 3, "participation": 0.5},
         "engine": {"progress": False},
     }
+
+
+@pytest.fixture(scope="session")
+def lenet_backend_cfg() -> Callable[..., dict]:
+    """A factory of run configs for the backend tests: two rounds of 3 of 4 clients on synthetic data
+    (no files), LeNet-5 with momentum SGD, on the given backend (and torch thread count, if given)."""
+    def make(out: Path, backend: str, name: str, threads: int | None = None) -> dict:
+        engine: dict = {"progress": False, "backend": backend}
+        if threads is not None:
+            engine["threads"] = threads
+        return {
+            "name": name, "seed": 3, "output_dir": str(out),
+            "data": {"dataset": "synthetic", "num_clients": 4,
+                     "options": {"num_samples": 400, "num_classes": 4, "shape": [1, 8, 8]}},
+            "model": {"name": "lenet5"},
+            "train": {"epochs": 1, "batch_size": 16, "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9}},
+            "federation": {"rounds": 2, "participation": 0.75},
+            "engine": engine,
+        }
+    return make
 
 
 @pytest.fixture

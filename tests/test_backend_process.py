@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -25,20 +26,6 @@ from fedslim.engine.task import ClientResult, ClientTask
 from fedslim.engine.vectorized import auto_backend
 from fedslim.registry import CLIENT_PROCEDURES
 from fedslim.results import read_jsonl
-
-
-def _cfg(out: Path, backend: str, name: str) -> dict:
-    """Two rounds of 3 of 4 clients on synthetic data (no files), LeNet-5 with momentum SGD. One torch
-    thread everywhere: that is the setting under which the serial backend is the reference."""
-    return {
-        "name": name, "seed": 3, "output_dir": str(out),
-        "data": {"dataset": "synthetic", "num_clients": 4,
-                 "options": {"num_samples": 400, "num_classes": 4, "shape": [1, 8, 8]}},
-        "model": {"name": "lenet5"},
-        "train": {"epochs": 1, "batch_size": 16, "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9}},
-        "federation": {"rounds": 2, "participation": 0.75},
-        "engine": {"progress": False, "backend": backend, "threads": 1},
-    }
 
 
 def _heterofl_cfg(out: Path, backend: str, name: str) -> dict:
@@ -79,8 +66,8 @@ def _gone(pids: list[int]) -> bool:
 
 
 @pytest.fixture(scope="module")
-def serial_rows(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
-    return _run(_cfg(tmp_path_factory.mktemp("serial"), "serial", "s"))[1]
+def serial_rows(tmp_path_factory: pytest.TempPathFactory, lenet_backend_cfg: Callable[..., dict]) -> list[dict]:
+    return _run(lenet_backend_cfg(tmp_path_factory.mktemp("serial"), "serial", "s", threads=1))[1]
 
 
 @pytest.fixture
@@ -95,8 +82,9 @@ def _same(a: list[ClientResult], b: list[ClientResult]) -> None:
         assert x.delta.keys() == y.delta.keys() and all(torch.equal(x.delta[k], y.delta[k]) for k in x.delta)
 
 
-def test_process_run_equals_serial_run(serial_rows: list[dict], tmp_path: Path) -> None:
-    runner, rows = _run(_cfg(tmp_path, "process", "p"))
+def test_process_run_equals_serial_run(serial_rows: list[dict], tmp_path: Path,
+                                       lenet_backend_cfg: Callable[..., dict]) -> None:
+    runner, rows = _run(lenet_backend_cfg(tmp_path, "process", "p", threads=1))
     assert isinstance(runner.backend, ProcessBackend)
     assert rows == serial_rows  # losses, accuracies, byte counts: bit for bit
     assert not mp.active_children()
@@ -113,8 +101,8 @@ def test_heterofl_run_equals_serial_run(tmp_path: Path) -> None:
     assert not mp.active_children()
 
 
-def test_worker_killed_mid_round_is_retried(serial_rows: list[dict], tmp_path: Path,
-                                            monkeypatch: pytest.MonkeyPatch) -> None:
+def test_worker_killed_mid_round_is_retried(serial_rows: list[dict], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                            lenet_backend_cfg: Callable[..., dict]) -> None:
     marker = tmp_path / "worker-died"
     plan = FedAvg.plan
 
@@ -125,7 +113,7 @@ def test_worker_killed_mid_round_is_retried(serial_rows: list[dict], tmp_path: P
         return tasks
 
     monkeypatch.setattr(FedAvg, "plan", plan_with_a_crash)
-    runner, crashed = _run(_cfg(tmp_path, "process", "p"))
+    runner, crashed = _run(lenet_backend_cfg(tmp_path, "process", "p", threads=1))
     assert marker.exists(), "the fault was not injected"
     assert isinstance(runner.backend, ProcessBackend) and runner.backend.retries == 1
     assert crashed == serial_rows  # every update of round 2 counted once, none lost

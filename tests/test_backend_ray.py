@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,19 +32,6 @@ def ray_cluster() -> Iterator[object]:
     ray.shutdown()
 
 
-def _cfg(out: Path, backend: str, name: str) -> dict:
-    """Two rounds of 3 of 4 clients on synthetic data (no files), LeNet-5 with momentum SGD."""
-    return {
-        "name": name, "seed": 3, "output_dir": str(out),
-        "data": {"dataset": "synthetic", "num_clients": 4,
-                 "options": {"num_samples": 400, "num_classes": 4, "shape": [1, 8, 8]}},
-        "model": {"name": "lenet5"},
-        "train": {"epochs": 1, "batch_size": 16, "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9}},
-        "federation": {"rounds": 2, "participation": 0.75},
-        "engine": {"progress": False, "backend": backend},
-    }
-
-
 def _run(cfg: dict) -> list[dict]:
     runner = Runner(validate(cfg), out=open(os.devnull, "w"))  # noqa: SIM115
     runner.run()
@@ -52,19 +39,21 @@ def _run(cfg: dict) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def serial_rows(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
-    return _run(_cfg(tmp_path_factory.mktemp("serial"), "serial", "s"))
+def serial_rows(tmp_path_factory: pytest.TempPathFactory, lenet_backend_cfg: Callable[..., dict]) -> list[dict]:
+    return _run(lenet_backend_cfg(tmp_path_factory.mktemp("serial"), "serial", "s"))
 
 
 @pytest.mark.ray
-def test_ray_run_equals_serial_run(ray_cluster: object, serial_rows: list[dict], tmp_path: Path) -> None:
-    ray_rows = _run(_cfg(tmp_path, "ray", "r"))
+def test_ray_run_equals_serial_run(ray_cluster: object, serial_rows: list[dict], tmp_path: Path,
+                                   lenet_backend_cfg: Callable[..., dict]) -> None:
+    ray_rows = _run(lenet_backend_cfg(tmp_path, "ray", "r"))
     assert ray_rows == serial_rows  # losses, accuracies, byte counts: bit for bit
 
 
 @pytest.mark.ray
 def test_worker_killed_mid_round_is_retried(ray_cluster: object, serial_rows: list[dict], tmp_path: Path,
-                                            monkeypatch: pytest.MonkeyPatch) -> None:
+                                            monkeypatch: pytest.MonkeyPatch,
+                                            lenet_backend_cfg: Callable[..., dict]) -> None:
     marker = tmp_path / "worker-died"
     plan = FedAvg.plan
 
@@ -75,7 +64,7 @@ def test_worker_killed_mid_round_is_retried(ray_cluster: object, serial_rows: li
         return tasks
 
     monkeypatch.setattr(FedAvg, "plan", plan_with_a_crash)
-    crashed = _run(_cfg(tmp_path, "ray", "r"))
+    crashed = _run(lenet_backend_cfg(tmp_path, "ray", "r"))
     assert marker.exists(), "the fault was not injected"
     assert crashed == serial_rows  # every update of round 2 counted once, none lost
 
