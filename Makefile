@@ -15,8 +15,11 @@ install: $(BIN)/python
 install-dev: $(BIN)/python
 	$(BIN)/pip install --quiet -e '.[dev,ray]'
 
+# A second `make demo` keeps the first run and writes the next free runs/demo-digits-N.
 demo: install
-	$(BIN)/fedslim run examples/demo_digits.yaml
+	@name=demo-digits; i=1; while [ -e runs/$$name ]; do i=$$((i + 1)); name=demo-digits-$$i; done; \
+	echo "$(BIN)/fedslim run examples/demo_digits.yaml --name $$name"; \
+	$(BIN)/fedslim run examples/demo_digits.yaml --name $$name
 
 test: install-dev
 	$(BIN)/python -m pytest -q
