@@ -226,7 +226,8 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=1,
                     help="run every contender this many times, interleaved; the table shows medians")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
-                    help="where the floor and fedslim's contenders train; Flower and pfl are not run on cuda")
+                    help="where the floor and fedslim's contenders train; on cuda the peers and the process backend "
+                         "are listed as not run (CPU only)")
     ap.add_argument("--json", help="also write every figure to this file")
     args = ap.parse_args()
     import torch

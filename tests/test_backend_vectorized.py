@@ -101,6 +101,7 @@ def test_schedules_differ_in_length_and_fold_a_single_sample() -> None:
 
 
 @pytest.mark.parametrize("opt,extra", [
+    (sgd(), {}),  # plain SGD: no momentum buffer, no weight decay
     (sgd(momentum=0.9, nesterov=True, weight_decay=1e-3), {}),
     (adam(weight_decay=1e-4), {"grad_clip": 0.5, "max_steps": 5}),
     (sgd(momentum=0.5), {"augment": "crop_flip"}),
