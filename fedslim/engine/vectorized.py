@@ -2,12 +2,20 @@
 
 The train tasks of a cohort are grouped by (model spec, local-training settings, data split). For a
 group of G clients the parameters, BatchNorm statistics and optimizer state are stacked along a new
-leading axis, and every local step is one ``torch.func.vmap`` over ``torch.func.grad`` of
-``functional_call``, followed by SGD (momentum, Nesterov, weight decay) or Adam applied to the
-stacked tensors. It is a GPU play: one large step keeps the device busy where G small ones would
-not. On a CPU it is usually *slower* than the serial backend (a batched convolution with per-client
-weights becomes a grouped convolution, which CPU kernels handle less well than G plain ones), so
-``serial`` stays the default there and ``auto`` picks this backend only on CUDA.
+leading axis, and every local step is one forward and backward pass of all G clients, followed by SGD
+(momentum, Nesterov, weight decay) or Adam applied to the stacked tensors. The pass is taken one of
+two ways:
+
+* ``stacked`` (wherever the model's layers allow it, which is every model in the zoo): one ordinary
+  module computes all G clients, their activations side by side along the channel axis, with grouped
+  convolutions and batched matrix products (:mod:`fedslim.engine.stacked`); a step costs the host
+  about what one client's step costs;
+* ``vmap`` (any other model): ``torch.func.vmap`` over ``torch.func.grad`` of ``functional_call``,
+  the same kernels with the transforms' cost in Python on every step.
+
+It is a GPU play: one large step keeps the device busy where G small ones would not. ``auto`` picks
+this backend only on CUDA; on a multi-core CPU it picks ``process`` (see docs/backends.md for how the
+two compare there).
 
 Each client draws its batches from its own generator exactly as :func:`fedslim.engine.client.train_model`
 does (the same ``_batches`` permutations, the fold of a final 1-sample batch, the augmentation
@@ -39,6 +47,7 @@ from fedslim.engine import process_backend
 from fedslim.engine.backends import ModelBuffers, SerialBackend
 from fedslim.engine.client import _batches
 from fedslim.engine.process_backend import ProcessBackend, fork_available
+from fedslim.engine.stacked import StackCtx, check_stacked, forward_stacked, stack_model
 from fedslim.engine.store import ClientStore
 from fedslim.engine.task import ClientResult, ClientTask, LocalTrain, ModelSpec
 from fedslim.registry import BACKENDS
@@ -101,6 +110,8 @@ class _Plan:
     buffers: list[str]
     bns: dict[str, tuple[float | None, list[str]]]  # bn name -> (momentum, its buffer keys)
     keys: frozenset[str]
+    stacked: tuple[nn.Module, StackCtx] | None = None  # see fedslim.engine.stacked; None: vmap
+    why_vmap: str | None = None  # why there is no stacked module
 
 
 def why_not_vectorizable(model: nn.Module) -> str | None:
@@ -114,7 +125,7 @@ def why_not_vectorizable(model: nn.Module) -> str | None:
     return None
 
 
-def _make_plan(model: nn.Module) -> _Plan:
+def _make_plan(model: nn.Module, spec: ModelSpec, use_stacked: bool = True) -> _Plan:
     fm = copy.deepcopy(model)
     ctx = _Ctx()
     bns: dict[str, tuple[float | None, list[str]]] = {}
@@ -130,7 +141,20 @@ def _make_plan(model: nn.Module) -> _Plan:
     trainable = [k for k, p in params.items() if p.requires_grad]
     frozen = [k for k, p in params.items() if not p.requires_grad]
     buffers = [k for k, _ in fm.named_buffers()]
-    return _Plan(fm, ctx, trainable, frozen, buffers, bns, frozenset(fm.state_dict()))
+    plan = _Plan(fm, ctx, trainable, frozen, buffers, bns, frozenset(fm.state_dict()))
+    if not use_stacked:
+        plan.why_vmap = "the stacked path was turned off"
+        return plan
+    made = stack_model(model)
+    if isinstance(made, str):
+        plan.why_vmap = made
+        return plan
+    why = check_stacked(model, made[0], made[1], spec.input_shape, spec.num_classes)
+    if why is None:
+        plan.stacked = made
+    else:
+        plan.why_vmap = why
+    return plan
 
 
 @dataclass
@@ -274,10 +298,11 @@ def _clip(grads: dict[str, Tensor], max_norm: float) -> dict[str, Tensor]:
 @BACKENDS.register("vectorized", "same-spec clients trained as one batched torch.func step (GPU; slower on CPU)")
 class VectorizedBackend:
     def __init__(self, store: ClientStore, device: str = "cpu", cfg: Any = None, *, max_group: int | None = None,
-                 **_: object):
+                 stacked: bool = True, **_: object):
         self.store = store
         self.device = device
         self.max_group = max_group
+        self.use_stacked = stacked  # False: always the vmap step (for tests and comparisons)
         self.serial = SerialBackend(store, device=device)
         self.buffers: ModelBuffers = self.serial.buffers
         self._plans: dict[ModelSpec, _Plan | str] = {}
@@ -293,8 +318,16 @@ class VectorizedBackend:
         if spec not in self._plans:
             model = self.buffers.get(spec)
             why = why_not_vectorizable(model)
-            self._plans[spec] = why if why is not None else _make_plan(model)
+            plan = why if why is not None else _make_plan(model, spec, self.use_stacked)
+            if isinstance(plan, _Plan) and plan.why_vmap is not None and self.use_stacked:
+                self._say_once(f"{spec.name} trains through vmap (slower per step): {plan.why_vmap}")
+            self._plans[spec] = plan
         return self._plans[spec]
+
+    def path(self, spec: ModelSpec) -> str:
+        """How clients of ``spec`` train here: 'stacked', 'vmap' or 'serial'."""
+        plan = self._plan(spec)
+        return "serial" if isinstance(plan, str) else "stacked" if plan.stacked is not None else "vmap"
 
     def run(self, tasks: list[ClientTask]) -> list[ClientResult]:
         out: list[ClientResult | None] = [None] * len(tasks)
@@ -382,7 +415,27 @@ class VectorizedBackend:
             stats, ctx.stats, ctx.weight = ctx.stats, {}, None
             return loss, (loss.detach(), stats)
 
-        step_fn = vmap(grad(loss_fn, has_aux=True))
+        vmapped = vmap(grad(loss_fn, has_aux=True))
+        Step = tuple[dict[str, Tensor], tuple[Tensor, dict[str, tuple[Tensor, Tensor]]]]
+
+        def vmap_step(k: int, xb: Tensor, yb: Tensor, w: Tensor, lm: Tensor) -> Step:
+            return vmapped({n: v[:k] for n, v in params.items()}, {n: v[:k] for n, v in fixed.items()},
+                           xb, yb, w, lm)
+
+        def stacked_step(k: int, xb: Tensor, yb: Tensor, w: Tensor, lm: Tensor) -> Step:
+            assert plan.stacked is not None
+            sm, sctx = plan.stacked
+            sctx.channels_last = self.store.channels_last and image
+            leaves = {n: params[n][:k].detach().requires_grad_() for n in plan.trainable}
+            logits, stats = forward_stacked(sm, sctx, {**leaves, **{n: v[:k] for n, v in fixed.items()}}, xb, w, nc)
+            logits = logits.masked_fill(~lm[:, None, :], 0.0)
+            ce = F.cross_entropy(logits.reshape(-1, nc), yb.reshape(-1), reduction="none").view(k, -1)
+            # Each client's mean loss; their sum has each client's own gradient in its own weights.
+            per = (ce * w).sum(1) / w.sum(1).clamp_min(1)
+            gs = torch.autograd.grad(per.sum(), list(leaves.values()), materialize_grads=True)
+            return dict(zip(leaves, gs, strict=True)), (per.detach(), stats)
+
+        step_fn = stacked_step if plan.stacked is not None else vmap_step
         loss_sum = torch.zeros(G, device=dev)
         seen = torch.zeros(G, device=dev)
         steps = sch.steps
@@ -395,8 +448,7 @@ class VectorizedBackend:
                 dy = None if sch.dy is None else sch.dy[s, :k].flatten()
                 dx = None if sch.dx is None else sch.dx[s, :k].flatten()
                 xb = augment_with(flat, tr.augment, sch.flip[s, :k].flatten(), dy, dx).reshape(xb.shape)
-            g, (loss, stats) = step_fn({n: v[:k] for n, v in params.items()},
-                                       {n: v[:k] for n, v in fixed.items()}, xb, yb, w, lmask[:k])
+            g, (loss, stats) = step_fn(k, xb, yb, w, lmask[:k])
             if tr.grad_clip is not None:
                 g = _clip(g, tr.grad_clip)
             opt.step(params, g, k)
@@ -430,7 +482,8 @@ class VectorizedBackend:
 def auto_backend(store: ClientStore, device: str = "cpu", cfg: Any = None, **kw: Any) -> Any:
     if str(device).startswith("cuda"):
         return VectorizedBackend(store, device=device, cfg=cfg, **kw)
-    # On a CPU vectorized is slower than serial; single-threaded workers on separate cores are faster.
+    # On a CPU, single-thread workers on separate cores are as fast as vectorized on LeNet and faster on
+    # models whose cohorts split into small groups of wide sub-models (HeteroFL); see bench/README.md.
     # More threads per client were asked for explicitly: only the serial backend can honour that.
     threads = getattr(getattr(cfg, "engine", None), "threads", None) or 1
     if process_backend.usable_cpus() >= 2 and fork_available() and threads == 1:

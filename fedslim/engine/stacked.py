@@ -1,0 +1,228 @@
+"""Stacked models: G clients' copies of one model run as one ordinary module, without ``vmap``.
+
+Activations keep the clients side by side along the channel axis: a batch of B samples for each of k
+clients is one tensor of shape ``(B, k*C, ...)``, client-major (client 0's C channels, then client 1's).
+In that layout every per-sample, per-channel operation (activations, pooling, Scaler, residual adds,
+flattening) already acts on each client separately, and only the layers that hold weights or mix
+samples need a stacked version:
+
+* ``Conv2d`` becomes one grouped convolution: the k weight tensors are concatenated along the output
+  channels and ``groups`` is multiplied by k;
+* ``Linear`` becomes one batched matrix product (``baddbmm``) over ``(k, B, F)``;
+* ``BatchNorm`` normalises each client's channels over that client's weight-1 samples (the padding of
+  a short batch is left out, as in :class:`fedslim.engine.vectorized.MaskedBatchNorm`);
+* ``GroupNorm`` becomes one GroupNorm with k times the groups (a sample's groups never span clients).
+
+The weights come from a context (``StackCtx.params``, each with a leading client axis) rather than
+from module parameters, so one stacked module serves every cohort and every prefix of k clients.
+
+Why not ``torch.func.vmap`` alone: vmap gives the same batched kernels but each step pays for its
+transforms in Python, and on a GPU a small model's step is bound by that host time. Here a step costs
+about what one client's step costs. On a CPU the wide kernels also use several cores well (a LeNet
+grouped convolution of 25 clients scales to 2 threads where 25 small ones do not) and channels-last
+max-pooling over k*C channels vectorises where C = 6 does not.
+
+A model whose layers are not all understood here (a layer with weights of another type) is refused
+with the reason; a model whose forward does something the layout does not survive (mixing channels
+across the whole tensor, say) is caught by :func:`check_stacked`, which compares the stacked module
+with per-client forward passes once per model. Either way the vectorized backend falls back to vmap.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+Tensor = torch.Tensor
+
+
+class StackCtx:
+    """What the stacked layers read (weights, sample weights) and write (batch statistics) per call."""
+
+    def __init__(self) -> None:
+        self.params: dict[str, Tensor] = {}
+        self.weight: Tensor | None = None  # (k, B) sample weights: 1 real, 0 padding
+        self.stats: dict[str, tuple[Tensor, Tensor]] = {}  # BN name -> (mean, unbiased var), each (k, C)
+        self.channels_last = False
+
+
+class _Stacked(nn.Module):
+    def __init__(self, name: str, ctx: StackCtx):
+        super().__init__()
+        self.name, self.ctx = name, ctx
+
+    def _p(self, attr: str) -> Tensor | None:
+        return self.ctx.params.get(f"{self.name}.{attr}")
+
+
+class StackedConv2d(_Stacked):
+    def __init__(self, m: nn.Conv2d, name: str, ctx: StackCtx):
+        super().__init__(name, ctx)
+        self.stride, self.padding, self.dilation, self.groups = m.stride, m.padding, m.dilation, m.groups
+
+    def forward(self, x: Tensor) -> Tensor:
+        w, b = self._p("weight"), self._p("bias")
+        assert w is not None
+        k = w.shape[0]
+        wf = w.flatten(0, 1)
+        if self.ctx.channels_last:
+            wf = wf.contiguous(memory_format=torch.channels_last)
+        return F.conv2d(x, wf, None if b is None else b.flatten(), self.stride, self.padding, self.dilation,
+                        self.groups * k)
+
+
+class StackedLinear(_Stacked):
+    def forward(self, x: Tensor) -> Tensor:
+        w, b = self._p("weight"), self._p("bias")
+        assert w is not None
+        k, n = w.shape[0], x.shape[0]
+        if x.dim() != 2:
+            raise ValueError(f"stacked Linear {self.name}: expects (B, k*features) inputs, got {tuple(x.shape)}")
+        xb = x.view(n, k, -1).transpose(0, 1)  # (k, B, F)
+        wt = w.transpose(1, 2)
+        out = torch.bmm(xb, wt) if b is None else torch.baddbmm(b.unsqueeze(1), xb, wt)
+        return out.transpose(0, 1).reshape(n, -1)
+
+
+class StackedBatchNorm(_Stacked):
+    """Training-mode BatchNorm per client over its weight-1 samples; statistics go out through the
+    context (the caller folds them into the running buffers), as MaskedBatchNorm does under vmap."""
+
+    def __init__(self, m: nn.modules.batchnorm._BatchNorm, name: str, ctx: StackCtx):
+        super().__init__(name, ctx)
+        self.eps, self.track = m.eps, m.track_running_stats
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = self.ctx.weight
+        assert w is not None
+        k, n = w.shape
+        sp = x.shape[2:]
+        xv = x.view(n, k, -1, *sp)  # (B, k, C, *spatial)
+        tail = [1] * len(sp)
+        wv = w.t().to(x.dtype).reshape(n, k, 1, *tail)
+        dims = [0, *range(3, xv.dim())]
+        cnt = (w.sum(1).to(x.dtype) * sp.numel()).unsqueeze(1)  # (k, 1)
+        mean = (xv * wv).sum(dims) / cnt.clamp_min(1)  # (k, C)
+        shape = [1, k, -1, *tail]
+        xc = xv - mean.reshape(shape)
+        ss = (xc * xc * wv).sum(dims)
+        y = xc * torch.rsqrt(ss / cnt.clamp_min(1) + self.eps).reshape(shape)
+        g, b = self._p("weight"), self._p("bias")
+        if g is not None and b is not None:
+            y = y * g.reshape(shape) + b.reshape(shape)
+        if self.track:
+            self.ctx.stats[self.name] = (mean.detach(), (ss / (cnt - 1).clamp_min(1)).detach())
+        return y.reshape(x.shape)
+
+
+class StackedGroupNorm(_Stacked):
+    def __init__(self, m: nn.GroupNorm, name: str, ctx: StackCtx):
+        super().__init__(name, ctx)
+        self.num_groups, self.eps = m.num_groups, m.eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        g, b = self._p("weight"), self._p("bias")
+        assert g is not None and b is not None  # stack_model refuses GroupNorm without affine weights
+        return F.group_norm(x, self.num_groups * g.shape[0], g.flatten(), b.flatten(), self.eps)
+
+
+_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def stack_model(model: nn.Module) -> tuple[nn.Module, StackCtx] | str:
+    """A stacked copy of ``model`` (see the module docstring) and its context, or why there is none."""
+    for name, m in model.named_modules():
+        # Exact types: a subclass may compute something else in its forward (weight standardisation, say).
+        kind = type(m)
+        if kind is nn.Conv2d:
+            if m.padding_mode != "zeros" or isinstance(m.padding, str):
+                return f"Conv2d {name} pads with {m.padding_mode!r}/{m.padding!r}"
+        elif kind is nn.GroupNorm:
+            if not m.affine:
+                return f"GroupNorm {name} has no affine weights"
+        elif kind is nn.Linear or kind in _BATCHNORMS:
+            pass
+        elif any(True for _ in m.parameters(recurse=False)):
+            return f"layer {name} ({kind.__name__}) has weights of a kind the stacked model does not know"
+    sm = copy.deepcopy(model)
+    ctx = StackCtx()
+    for name, m in list(sm.named_modules()):
+        rep: nn.Module
+        if type(m) is nn.Conv2d:
+            rep = StackedConv2d(m, name, ctx)
+        elif type(m) is nn.Linear:
+            rep = StackedLinear(name, ctx)
+        elif type(m) in _BATCHNORMS:
+            rep = StackedBatchNorm(m, name, ctx)  # type: ignore[arg-type]
+        elif type(m) is nn.GroupNorm:
+            rep = StackedGroupNorm(m, name, ctx)  # type: ignore[arg-type]
+        else:
+            continue
+        parent_name, _, attr = name.rpartition(".")
+        setattr(sm.get_submodule(parent_name) if parent_name else sm, attr, rep)
+    sm.train()
+    return sm, ctx
+
+
+def stack_input(x: Tensor, channels_last: bool) -> Tensor:
+    """(k, B, C, ...) per-client batches -> (B, k*C, ...), the stacked layout."""
+    k, n = x.shape[:2]
+    if channels_last and x.dim() == 5:
+        # One copy straight into channels-last strides: (B, H, W, k*C) memory, seen as (B, k*C, H, W).
+        _, _, c, h, w = x.shape
+        # (reshape alone may return a strided view here, which oneDNN would copy at every layer)
+        return x.permute(1, 3, 4, 0, 2).reshape(n, h, w, k * c).contiguous().permute(0, 3, 1, 2)
+    return x.transpose(0, 1).reshape(n, k * x.shape[2], *x.shape[3:]).contiguous()
+
+
+def forward_stacked(sm: nn.Module, ctx: StackCtx, params: dict[str, Tensor], x: Tensor, weight: Tensor,
+                    num_classes: int) -> tuple[Tensor, dict[str, tuple[Tensor, Tensor]]]:
+    """Logits (k, B, classes) of k clients' models on their batches x (k, B, ...), and BN statistics."""
+    ctx.params, ctx.weight, ctx.stats = params, weight, {}
+    try:
+        out = sm(stack_input(x, ctx.channels_last))
+        stats = ctx.stats
+    finally:
+        ctx.params, ctx.weight, ctx.stats = {}, None, {}
+    k, n = x.shape[:2]
+    return out.view(n, k, num_classes).transpose(0, 1), stats
+
+
+def check_stacked(model: nn.Module, sm: nn.Module, ctx: StackCtx, input_shape: tuple[int, ...],
+                  num_classes: int, rtol: float = 1e-4) -> str | None:
+    """Compare the stacked module with per-client forward passes of ``model`` (training mode, two
+    clients with different weights, two samples each). None if they agree, else what differed."""
+    dev = next(model.parameters()).device
+    gen = torch.Generator().manual_seed(0)
+    state = {k: v.detach() for k, v in model.state_dict().items()}
+    trainable = {k for k, p in model.named_parameters()}
+    stacked = {}
+    for key, v in state.items():
+        if key in trainable and v.is_floating_point():
+            other = v + 0.05 * torch.randn(v.shape, generator=gen).to(dev, v.dtype)
+            stacked[key] = torch.stack([v, other])
+        else:
+            stacked[key] = torch.stack([v, v])
+    x = torch.randn(2, 2, *input_shape, generator=gen).to(dev)
+    was_training = model.training
+    model.train()  # functional_call's BatchNorm updates go to the stacked copies, not to the model
+    try:
+        with torch.no_grad():
+            got, _ = forward_stacked(sm, ctx, stacked, x, torch.ones(2, 2, device=dev), num_classes)
+            want = torch.stack([functional_call(model, {k: v[g] for k, v in stacked.items()}, (x[g],))
+                                for g in range(2)])
+    except Exception as e:  # the layout broke something in the model's forward
+        return f"the stacked forward failed ({type(e).__name__}: {e})"
+    finally:
+        model.train(was_training)
+    if got.shape != want.shape:
+        return f"the stacked forward gave shape {tuple(got.shape)}, expected {tuple(want.shape)}"
+    err = float((got - want).abs().max())
+    scale = float(want.abs().max()) or 1.0
+    if not err <= rtol * scale:
+        return f"the stacked forward differs from per-client forwards by {err:.3g} (scale {scale:.3g})"
+    return None

@@ -1,0 +1,111 @@
+"""Stacked models (fedslim.engine.stacked): k clients' copies of a model as one module."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from test_backend_vectorized import SHAPE, adam, assert_close, make_store, make_tasks
+from torch import nn
+
+from fedslim.engine.backends import SerialBackend
+from fedslim.engine.stacked import check_stacked, forward_stacked, stack_input, stack_model
+from fedslim.engine.task import LocalTrain, ModelSpec
+from fedslim.engine.vectorized import VectorizedBackend
+from fedslim.models import build_model
+from fedslim.registry import MODELS
+
+ZOO_SHAPE = (3, 32, 32)  # VGG-16 needs 32x32
+
+
+def _zoo_model(name: str, norm: str) -> nn.Module:
+    torch.manual_seed(0)
+    # Dropout would draw different masks in the two forward passes being compared.
+    return build_model(name, num_classes=10, input_shape=ZOO_SHAPE, width=0.125, norm=norm, dropout=0.0)
+
+
+@pytest.mark.parametrize("norm", ["bn", "gn", "none"])
+@pytest.mark.parametrize("name", MODELS.names())
+def test_every_zoo_model_stacks(name: str, norm: str) -> None:
+    model = _zoo_model(name, norm)
+    made = stack_model(model)
+    assert not isinstance(made, str), made
+    assert check_stacked(model, *made, ZOO_SHAPE, 10) is None
+
+
+def test_stacked_input_layout_is_client_major_and_channels_last_when_asked() -> None:
+    x = torch.randn(3, 4, 2, 5, 5)  # k clients, B samples, C channels
+    for cl in (False, True):
+        s = stack_input(x, cl)
+        assert s.shape == (4, 6, 5, 5)
+        assert torch.equal(s[:, 2:4], x[1])  # client 1's channels come second
+        assert s.is_contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
+
+
+def test_batchnorm_statistics_leave_out_weight_zero_samples() -> None:
+    """A client's padded samples change neither its outputs on real samples nor its statistics."""
+    torch.manual_seed(0)
+    model = build_model("lenet5", num_classes=4, input_shape=SHAPE, norm="bn")
+    sm, ctx = stack_model(model)  # type: ignore[misc]
+    params = {k: torch.stack([v.detach()] * 2) for k, v in model.state_dict().items()}
+    x = torch.randn(2, 6, *SHAPE)
+    w = torch.tensor([[1.0] * 6, [1.0] * 4 + [0.0] * 2])
+    garbage = x.clone()
+    garbage[1, 4:] = 1e3  # whatever sits in the padding
+    a, stats_a = forward_stacked(sm, ctx, params, x, w, 4)
+    b, stats_b = forward_stacked(sm, ctx, params, garbage, w, 4)
+    assert torch.allclose(a[1, :4], b[1, :4], atol=1e-5)
+    for name in stats_a:
+        for sa, sb in zip(stats_a[name], stats_b[name], strict=True):
+            assert torch.allclose(sa, sb, atol=1e-5)
+    # ... and equal those of the real samples alone
+    model.train()
+    ref = model(x[1, :4])
+    assert torch.allclose(a[1, :4], ref, atol=1e-5)
+
+
+class _ChannelCentred(nn.Module):
+    """Subtracts each sample's mean over all channels: per sample, yet across the stacked clients."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x - x.mean(1, keepdim=True)
+
+
+def _mixing_model(num_classes: int, input_shape: tuple[int, ...], width: float = 1.0, **_: object) -> nn.Module:
+    c = input_shape[0]
+    return nn.Sequential(nn.Conv2d(c, 4, 3, padding=1), _ChannelCentred(), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(4 * input_shape[1] * input_shape[2], num_classes))
+
+
+def test_check_catches_a_forward_that_mixes_clients() -> None:
+    torch.manual_seed(0)
+    model = _mixing_model(4, SHAPE)
+    made = stack_model(model)
+    assert not isinstance(made, str)
+    why = check_stacked(model, *made, SHAPE, 4)
+    assert why is not None and "differs" in why
+
+
+@pytest.mark.parametrize("layer", [nn.Conv1d(1, 2, 3), nn.LayerNorm(4), nn.Embedding(5, 2)])
+def test_layers_with_unknown_weights_are_refused_by_name(layer: nn.Module) -> None:
+    model = nn.Sequential(nn.Flatten(), layer)
+    why = stack_model(model)
+    assert isinstance(why, str) and "layer 1" in why and type(layer).__name__ in why
+
+
+def test_backend_falls_back_to_vmap_once_and_still_matches_serial(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(MODELS._items, "test_mixing", _mixing_model)
+    store = make_store()
+    spec = ModelSpec.make("test_mixing", 4, SHAPE)
+    tasks = make_tasks(store, spec, LocalTrain(1, 16, adam(), 1e-3))
+    vb = VectorizedBackend(store)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        vec = vb.run(tasks)
+        vb.run(tasks)
+    assert vb.path(spec) == "vmap"
+    said = [w for w in caught if "trains through vmap" in str(w.message)]
+    assert len(said) == 1 and "differs" in str(said[0].message)
+    assert vb.counts["vectorized"] == 2 * len(tasks)
+    assert_close(SerialBackend(store).run(tasks), vec, 1e-5)
