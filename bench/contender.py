@@ -3,8 +3,9 @@
     python bench/contender.py CONTENDER WORKLOAD [--data-dir DIR]
 
 CONTENDER: floor | fedslim-serial | fedslim-serial-1t | fedslim-process | fedslim-vectorized | fedslim-ray |
-flower | flower-defaults | pfl. ``fedslim-serial`` runs the serial backend with torch's own thread
-count; every other single-process contender, the floor included, runs torch on one thread. The
+flower | flower-defaults | pfl. ``fedslim-serial`` and ``fedslim-vectorized`` run on torch's own
+thread count (vectorized's wide batched kernels are what use the cores there); every other
+single-process contender, the floor included, runs torch on one thread. The
 parallel ones run one single-thread client per core: fedslim-process (what fedslim's default ``auto``
 picks on a multi-core CPU) as forked workers, fedslim-ray and flower as Ray actors.
 flower-defaults keeps Flower's default client resources (2 CPUs per virtual client: one client at a
@@ -132,14 +133,15 @@ def main() -> int:
         from dataclasses import replace
 
         w = replace(w, rounds=args.rounds or w.rounds, epochs=args.epochs or w.epochs)
-    if args.contender != "fedslim-serial":
+    own_threads = ("fedslim-serial", "fedslim-vectorized")
+    if args.contender not in own_threads:
         torch.set_num_threads(1)
     if args.device != "cpu" and not (args.contender == "floor" or args.contender.startswith("fedslim-")):
         raise SystemExit(f"{args.contender}: runs on the CPU only in this benchmark")
     if args.contender == "floor":
         res = run_floor(w, args.data_dir, args.device)
-    elif args.contender == "fedslim-serial":
-        res = run_fedslim(w, "serial", args.data_dir, None, args.device)
+    elif args.contender in own_threads:
+        res = run_fedslim(w, args.contender.removeprefix("fedslim-"), args.data_dir, None, args.device)
     elif args.contender.startswith("fedslim-"):
         backend = args.contender.removeprefix("fedslim-").removesuffix("-1t")
         res = run_fedslim(w, backend, args.data_dir, 1, args.device)
