@@ -236,3 +236,23 @@ def test_runner_vectorized_matches_serial(tiny_cfg: dict, tmp_path: Path) -> Non
     assert finals["vectorized"]["acc"] == pytest.approx(finals["serial"]["acc"], abs=0.01)
     assert finals["vectorized"]["loss"] == pytest.approx(finals["serial"]["loss"], rel=1e-4)
     assert finals["vectorized_loss"] == pytest.approx(finals["serial_loss"], rel=1e-4)
+
+
+def test_max_group_splits_a_group_into_batched_steps_of_at_most_that_many(monkeypatch: pytest.MonkeyPatch) -> None:
+    store = make_store()
+    tasks = make_tasks(store, ModelSpec.make("lenet5", 4, SHAPE), LocalTrain(1, 16, adam(), 1e-3))
+    cfg = validate({"engine": {"backend": "vectorized", "max_group": 2}})
+    vb = VectorizedBackend(store, cfg=cfg)
+    sizes: list[int] = []
+    inner = VectorizedBackend._train_group
+
+    def spy(self: VectorizedBackend, group: list[ClientTask]) -> list[ClientResult]:
+        sizes.append(len(group))
+        return inner(self, group)
+
+    monkeypatch.setattr(VectorizedBackend, "_train_group", spy)
+    vec = vb.run(tasks)
+    assert sizes == [2, 2, 1]
+    assert_close(SerialBackend(store).run(tasks), vec, 1e-5)
+    with pytest.raises(ValueError, match="max_group"):
+        validate({"engine": {"max_group": 0}})

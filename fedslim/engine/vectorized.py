@@ -301,7 +301,8 @@ class VectorizedBackend:
                  stacked: bool = True, **_: object):
         self.store = store
         self.device = device
-        self.max_group = max_group
+        eng = getattr(cfg, "engine", None)
+        self.max_group = max_group if max_group is not None else getattr(eng, "max_group", None)
         self.use_stacked = stacked  # False: always the vmap step (for tests and comparisons)
         self.serial = SerialBackend(store, device=device)
         self.buffers: ModelBuffers = self.serial.buffers
