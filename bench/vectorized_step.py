@@ -1,7 +1,7 @@
 """One cohort's local step, three ways: serial, vectorized through vmap, vectorized as a stacked module.
 
     python bench/vectorized_step.py [--device cpu|cuda] [--clients 25] [--batch 64] [--steps 8]
-                                    [--model lenet5] [--trials 3] [--json FILE]
+                                    [--model lenet5] [--trials 3] [--threads N] [--json FILE]
 
 G clients (``--clients``) of LeNet-5 on MNIST-shaped data, each with ``--steps`` local Adam steps of
 ``--batch`` samples, run by the serial backend and by the vectorized backend on both of its paths
@@ -82,8 +82,11 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=8, help="local steps per client (one epoch of this many batches)")
     ap.add_argument("--model", default="lenet5")
     ap.add_argument("--trials", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"--device cuda: torch sees no CUDA device here (torch {torch.__version__})")
     store, tasks = _setup(args)
