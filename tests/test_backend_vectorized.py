@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -218,10 +219,22 @@ def test_mixed_cohort_keeps_task_order_and_falls_back_once() -> None:
 
 def test_registered_and_auto_never_picks_vectorized_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
     assert {"vectorized", "ray", "auto"} <= set(plugins.BACKENDS.names())
-    # One usable core: nothing to parallelize, and vectorized is slower than serial on a CPU.
+    # One usable core: nothing to parallelize; on a CPU vectorized is no faster than serial there.
     monkeypatch.setattr("fedslim.engine.process_backend.usable_cpus", lambda: 1)
     auto = plugins.BACKENDS.get("auto")(make_store(), device="cpu")
     assert type(auto) is SerialBackend
+
+
+@pytest.mark.parametrize("threads,cpus,reason", [(2, 2, "engine.threads=2"), (None, 1, "one usable CPU core")])
+def test_run_banner_says_why_auto_ran_serial(tiny_cfg: dict, monkeypatch: pytest.MonkeyPatch,
+                                             threads: int | None, cpus: int, reason: str) -> None:
+    monkeypatch.setattr("fedslim.engine.process_backend.usable_cpus", lambda: cpus)
+    out = io.StringIO()
+    cfg = {**tiny_cfg, "federation": {"rounds": 1, "participation": 0.5},
+           "engine": {"progress": False, "backend": "auto", "threads": threads}}
+    Runner(validate(cfg), out=out).run()
+    banner = next(line for line in out.getvalue().splitlines() if line.startswith("backend "))
+    assert banner.startswith("backend serial on cpu") and f"(auto: {reason}" in banner
 
 
 def test_runner_vectorized_matches_serial(tiny_cfg: dict, tmp_path: Path) -> None:

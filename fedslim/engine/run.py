@@ -102,6 +102,19 @@ def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
     return [] if a == b else [f"{prefix[:-1]}: {a!r} in the checkpoint, {b!r} now"]
 
 
+
+def _why_serial(cfg: RunConfig) -> str:
+    """Why ``auto`` ran the serial backend on this CPU (see fedslim.engine.vectorized.auto_backend)."""
+    from fedslim.engine.process_backend import fork_available, usable_cpus
+
+    if (cfg.engine.threads or 1) > 1:
+        return f"engine.threads={cfg.engine.threads}; process workers run one thread each"
+    if usable_cpus() < 2:
+        return "one usable CPU core"
+    if not fork_available():
+        return "no fork on this platform for process workers"
+    return "CPU"
+
 class Runner:
     def __init__(self, cfg: RunConfig, *, data_dir: str | None = None, resume: bool = False,
                  progress: bool | None = None, out: TextIO = sys.stdout):
@@ -276,7 +289,7 @@ class Runner:
         resolved = type(self.backend).__name__.removesuffix("Backend").lower()
         workers = getattr(self.backend, "max_workers", "?")
         why = {"vectorized": "CUDA", "process": f"{workers} worker processes, one per usable CPU core",
-               "serial": "CPU; vectorized is slower there"}.get(resolved, "")
+               "serial": _why_serial(cfg)}.get(resolved, "")
         picked = f" (auto: {why})" if cfg.engine.backend == "auto" and why else ""
         layout = ", channels-last" if self.channels_last else ""
         self._say(f"backend {resolved} on {self.device}{layout}{picked}")

@@ -295,7 +295,7 @@ def _clip(grads: dict[str, Tensor], max_norm: float) -> dict[str, Tensor]:
     return {n: g * coef.reshape([-1] + [1] * (g.dim() - 1)) for n, g in grads.items()}
 
 
-@BACKENDS.register("vectorized", "same-spec clients trained as one batched torch.func step (GPU; slower on CPU)")
+@BACKENDS.register("vectorized", "same-spec clients trained as one batched step (stacked model or vmap); for GPUs")
 class VectorizedBackend:
     def __init__(self, store: ClientStore, device: str = "cpu", cfg: Any = None, *, max_group: int | None = None,
                  stacked: bool = True, **_: object):
