@@ -88,6 +88,29 @@ class StackedLinear(_Stacked):
         return out.transpose(0, 1).reshape(n, -1)
 
 
+def masked_batch_norm(xv: Tensor, w: Tensor, weight: Tensor | None, bias: Tensor | None,
+                      eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Training-mode BatchNorm of k clients' channels, each over its own weight-1 samples.
+
+    ``xv`` is (B, k, C, *spatial), ``w`` the (k, B) sample weights (0: padding), ``weight`` and
+    ``bias`` (k, C) or None. Returns the normalised ``xv`` and each client's batch mean and unbiased
+    variance, (k, C) each."""
+    n, k = xv.shape[:2]
+    sp = xv.shape[3:]
+    tail = [1] * len(sp)
+    wv = w.t().to(xv.dtype).reshape(n, k, 1, *tail)
+    dims = [0, *range(3, xv.dim())]
+    cnt = (w.sum(1).to(xv.dtype) * sp.numel()).unsqueeze(1)  # (k, 1)
+    mean = (xv * wv).sum(dims) / cnt.clamp_min(1)
+    shape = [1, k, -1, *tail]
+    xc = xv - mean.reshape(shape)
+    ss = (xc * xc * wv).sum(dims)
+    y = xc * torch.rsqrt(ss / cnt.clamp_min(1) + eps).reshape(shape)
+    if weight is not None and bias is not None:
+        y = y * weight.reshape(shape) + bias.reshape(shape)
+    return y, mean, ss / (cnt - 1).clamp_min(1)
+
+
 class StackedBatchNorm(_Stacked):
     """Training-mode BatchNorm per client over its weight-1 samples; statistics go out through the
     context (the caller folds them into the running buffers), as MaskedBatchNorm does under vmap."""
@@ -100,22 +123,10 @@ class StackedBatchNorm(_Stacked):
         w = self.ctx.weight
         assert w is not None
         k, n = w.shape
-        sp = x.shape[2:]
-        xv = x.view(n, k, -1, *sp)  # (B, k, C, *spatial)
-        tail = [1] * len(sp)
-        wv = w.t().to(x.dtype).reshape(n, k, 1, *tail)
-        dims = [0, *range(3, xv.dim())]
-        cnt = (w.sum(1).to(x.dtype) * sp.numel()).unsqueeze(1)  # (k, 1)
-        mean = (xv * wv).sum(dims) / cnt.clamp_min(1)  # (k, C)
-        shape = [1, k, -1, *tail]
-        xc = xv - mean.reshape(shape)
-        ss = (xc * xc * wv).sum(dims)
-        y = xc * torch.rsqrt(ss / cnt.clamp_min(1) + self.eps).reshape(shape)
-        g, b = self._p("weight"), self._p("bias")
-        if g is not None and b is not None:
-            y = y * g.reshape(shape) + b.reshape(shape)
+        y, mean, var = masked_batch_norm(x.view(n, k, -1, *x.shape[2:]), w, self._p("weight"), self._p("bias"),
+                                         self.eps)
         if self.track:
-            self.ctx.stats[self.name] = (mean.detach(), (ss / (cnt - 1).clamp_min(1)).detach())
+            self.ctx.stats[self.name] = (mean.detach(), var.detach())
         return y.reshape(x.shape)
 
 

@@ -47,7 +47,7 @@ from fedslim.engine import process_backend
 from fedslim.engine.backends import ModelBuffers, SerialBackend
 from fedslim.engine.client import _batches
 from fedslim.engine.process_backend import ProcessBackend, fork_available
-from fedslim.engine.stacked import StackCtx, check_stacked, forward_stacked, stack_model
+from fedslim.engine.stacked import StackCtx, check_stacked, forward_stacked, masked_batch_norm, stack_model
 from fedslim.engine.store import ClientStore
 from fedslim.engine.task import ClientResult, ClientTask, LocalTrain, ModelSpec
 from fedslim.registry import BACKENDS
@@ -83,20 +83,12 @@ class MaskedBatchNorm(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         w = self.ctx.weight
         assert w is not None
-        dims = [0, *range(2, x.dim())]
-        shape = [1, -1] + [1] * (x.dim() - 2)
-        wv = w.reshape([-1] + [1] * (x.dim() - 1)).to(x.dtype)
-        per_sample = x[0].numel() // x.shape[1]
-        cnt = w.sum().to(x.dtype) * per_sample
-        mean = (x * wv).sum(dims) / cnt.clamp_min(1)
-        xc = x - mean.reshape(shape)
-        ss = (xc * xc * wv).sum(dims)
-        y = xc * torch.rsqrt(ss / cnt.clamp_min(1) + self.eps).reshape(shape)
-        if self.affine:
-            y = y * self.weight.reshape(shape) + self.bias.reshape(shape)
+        # One client under vmap: the stacked layout with k = 1.
+        g, b = (self.weight.unsqueeze(0), self.bias.unsqueeze(0)) if self.affine else (None, None)
+        y, mean, var = masked_batch_norm(x.unsqueeze(1), w.unsqueeze(0), g, b, self.eps)
         if self.track:
-            self.ctx.stats[self.name] = (mean.detach(), (ss / (cnt - 1).clamp_min(1)).detach())
-        return y
+            self.ctx.stats[self.name] = (mean[0].detach(), var[0].detach())
+        return y.squeeze(1)
 
 
 @dataclass
