@@ -8,8 +8,8 @@ two ways:
 
 * ``stacked`` (wherever the model's layers allow it, which is every model in the zoo): one ordinary
   module computes all G clients, their activations side by side along the channel axis, with grouped
-  convolutions and batched matrix products (:mod:`fedslim.engine.stacked`); a step costs the host
-  about what one client's step costs;
+  convolutions and batched matrix products (:mod:`fedslim.engine.stacked`); a step of all G clients
+  costs the host about what two serial client steps do;
 * ``vmap`` (any other model): ``torch.func.vmap`` over ``torch.func.grad`` of ``functional_call``,
   the same kernels with the transforms' cost in Python on every step.
 
