@@ -148,9 +148,10 @@ class EngineConfig(Strict):
                               "returning it each step; fewer page faults, up to 128 MiB more memory per process")
     ray_address: str | None = None
     ray_workers: int | None = Field(None, ge=1)
-    max_group: int | None = Field(None, ge=1, description="vectorized: at most this many clients trained as one "
-                                  "batched step (their stacked weights, optimizer state and activations must fit "
-                                  "the device's memory); default: every client of a group at once")
+    max_group: int | None = Field(None, ge=1, description=(
+        "vectorized: at most this many clients trained as one batched step (their stacked weights, optimizer "
+        "state and activations must fit the device's memory; a group that runs out of it is retried in "
+        "halves); default: every client of a group at once"))
     checkpoint_every: int = Field(1, ge=1)
     progress: bool = True
 

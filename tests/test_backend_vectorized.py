@@ -269,3 +269,36 @@ def test_max_group_splits_a_group_into_batched_steps_of_at_most_that_many(monkey
     assert_close(SerialBackend(store).run(tasks), vec, 1e-5)
     with pytest.raises(ValueError, match="max_group"):
         validate({"engine": {"max_group": 0}})
+
+
+def test_a_group_that_runs_out_of_memory_is_halved_and_said_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    store = make_store()
+    tasks = make_tasks(store, ModelSpec.make("lenet5", 4, SHAPE), LocalTrain(1, 16, adam(), 1e-3))
+    vb = VectorizedBackend(store)
+    tried: list[int] = []
+    inner = VectorizedBackend._train_group
+
+    def fits_two(self: VectorizedBackend, group: list[ClientTask]) -> list[ClientResult]:
+        tried.append(len(group))
+        if len(group) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return inner(self, group)
+
+    monkeypatch.setattr(VectorizedBackend, "_train_group", fits_two)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        vec = vb.run(tasks)
+        vb.run(tasks)
+    assert tried == [5, 2, 2, 1, 2, 2, 1]  # the second round starts at the size that fitted
+    assert vb.max_group == 2 and vb.counts["vectorized"] == 2 * len(tasks)
+    said = [w for w in caught if "out of memory" in str(w.message)]
+    assert len(said) == 1 and "at most 2" in str(said[0].message)
+    assert_close(SerialBackend(store).run(tasks), vec, 1e-5)
+
+    def never_fits(self: VectorizedBackend, group: list[ClientTask]) -> list[ClientResult]:
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(VectorizedBackend, "_train_group", never_fits)
+    with pytest.raises(torch.OutOfMemoryError), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        VectorizedBackend(store).run(tasks)

@@ -350,17 +350,37 @@ class VectorizedBackend:
             if len(members) == 1:
                 alone.extend(members)
                 continue
-            size = self.max_group or len(members)
-            for lo in range(0, len(members), size):
-                chunk = members[lo:lo + size]
-                for i, r in zip(chunk, self._train_group([tasks[i] for i in chunk]), strict=True):
+            lo = 0
+            while lo < len(members):
+                chunk = members[lo:lo + (self.max_group or len(members))]
+                results = self._train_chunk([tasks[i] for i in chunk])
+                if results is None:  # out of memory: max_group was halved; the same clients again
+                    continue
+                for i, r in zip(chunk, results, strict=True):
                     out[i] = r
                 self.counts["vectorized"] += len(chunk)
+                lo += len(chunk)
         for i, r in zip(alone, self.serial.run([tasks[i] for i in alone]), strict=True):
             out[i] = r
         self.counts["serial"] += len(alone)
         assert all(r is not None for r in out)
         return out  # type: ignore[return-value]
+
+    def _train_chunk(self, tasks: list[ClientTask]) -> list[ClientResult] | None:
+        """``_train_group``, or None after halving ``max_group`` when the group did not fit in the
+        device's memory (a group of one that does not fit raises)."""
+        try:
+            return self._train_group(tasks)
+        except torch.OutOfMemoryError:
+            if len(tasks) == 1:
+                raise
+        # Outside the except block, so the failed step's tensors (held by the traceback) are freed.
+        if str(self.device).startswith("cuda"):
+            torch.cuda.empty_cache()
+        self.max_group = max(1, len(tasks) // 2)
+        self._say_once(f"a group of {len(tasks)} {tasks[0].spec.name} clients ran out of memory on {self.device}; "
+                       f"training at most {self.max_group} at once from now on (set engine.max_group to choose)")
+        return None
 
     # ------------------------------------------------------------------ the batched step
     def _train_group(self, tasks: list[ClientTask]) -> list[ClientResult]:
