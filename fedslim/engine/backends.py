@@ -40,7 +40,7 @@ def run_one(task: ClientTask, store: ClientStore, buffers: ModelBuffers) -> Clie
     return proc(task, data, buffers.get(task.spec))
 
 
-@BACKENDS.register("serial", "one client after another in this process (auto picks it on a 1-core CPU)")
+@BACKENDS.register("serial", "one client after another in this process (auto: on 1 core, or engine.threads > 1)")
 class SerialBackend:
     def __init__(self, store: ClientStore, device: str = "cpu", **_: object):
         self.store = store
