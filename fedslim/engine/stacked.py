@@ -77,6 +77,9 @@ class StackedConv2d(_Stacked):
 
 
 class StackedLinear(_Stacked):
+    def __init__(self, m: nn.Linear, name: str, ctx: StackCtx):
+        super().__init__(name, ctx)
+
     def forward(self, x: Tensor) -> Tensor:
         w, b = self._p("weight"), self._p("bias")
         assert w is not None
@@ -142,40 +145,33 @@ class StackedGroupNorm(_Stacked):
         return F.group_norm(x, self.num_groups * g.shape[0], g.flatten(), b.flatten(), self.eps)
 
 
-_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+# The layers with weights that have a stacked version; matched by exact type, because a subclass may
+# compute something else in its forward (weight standardisation, say).
+_STACKED: dict[type[nn.Module], type[_Stacked]] = {
+    nn.Conv2d: StackedConv2d, nn.Linear: StackedLinear, nn.GroupNorm: StackedGroupNorm,
+    nn.BatchNorm1d: StackedBatchNorm, nn.BatchNorm2d: StackedBatchNorm, nn.BatchNorm3d: StackedBatchNorm,
+}
 
 
 def stack_model(model: nn.Module) -> tuple[nn.Module, StackCtx] | str:
     """A stacked copy of ``model`` (see the module docstring) and its context, or why there is none."""
     for name, m in model.named_modules():
-        # Exact types: a subclass may compute something else in its forward (weight standardisation, say).
         kind = type(m)
-        if kind is nn.Conv2d:
-            if m.padding_mode != "zeros" or isinstance(m.padding, str):
-                return f"Conv2d {name} pads with {m.padding_mode!r}/{m.padding!r}"
-        elif kind is nn.GroupNorm:
-            if not m.affine:
-                return f"GroupNorm {name} has no affine weights"
-        elif kind is nn.Linear or kind in _BATCHNORMS:
-            pass
-        elif any(True for _ in m.parameters(recurse=False)):
+        if kind is nn.Conv2d and (m.padding_mode != "zeros" or isinstance(m.padding, str)):
+            return f"Conv2d {name} pads with {m.padding_mode!r}/{m.padding!r}"
+        if kind is nn.GroupNorm and not m.affine:
+            return f"GroupNorm {name} has no affine weights"
+        if kind not in _STACKED and any(True for _ in m.parameters(recurse=False)):
             return f"layer {name} ({kind.__name__}) has weights of a kind the stacked model does not know"
     sm = copy.deepcopy(model)
     ctx = StackCtx()
     for name, m in list(sm.named_modules()):
-        rep: nn.Module
-        if type(m) is nn.Conv2d:
-            rep = StackedConv2d(m, name, ctx)
-        elif type(m) is nn.Linear:
-            rep = StackedLinear(name, ctx)
-        elif type(m) in _BATCHNORMS:
-            rep = StackedBatchNorm(m, name, ctx)  # type: ignore[arg-type]
-        elif type(m) is nn.GroupNorm:
-            rep = StackedGroupNorm(m, name, ctx)  # type: ignore[arg-type]
-        else:
+        stacked_cls = _STACKED.get(type(m))
+        if stacked_cls is None:
             continue
         parent_name, _, attr = name.rpartition(".")
-        setattr(sm.get_submodule(parent_name) if parent_name else sm, attr, rep)
+        setattr(sm.get_submodule(parent_name) if parent_name else sm, attr,
+                stacked_cls(m, name, ctx))  # type: ignore[call-arg]
     sm.train()
     return sm, ctx
 
