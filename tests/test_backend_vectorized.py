@@ -27,14 +27,15 @@ SHAPE = (1, 16, 16)
 SIZES = [70, 33, 16, 45, 9]
 
 
-def make_store(sizes: list[int] = SIZES, classes: int = 4, seed: int = 0) -> ClientStore:
+def make_store(sizes: list[int] = SIZES, classes: int = 4, seed: int = 0,
+               shape: tuple[int, ...] = SHAPE) -> ClientStore:
     g = torch.Generator().manual_seed(seed)
     n = sum(sizes)
     y = torch.randint(0, classes, (n,), generator=g)
     # Class-dependent means so that training does something non-trivial.
-    x = torch.randn(n, *SHAPE, generator=g, dtype=torch.get_default_dtype()) + y.reshape(-1, 1, 1, 1) * 0.5
+    x = torch.randn(n, *shape, generator=g, dtype=torch.get_default_dtype()) + y.reshape(-1, 1, 1, 1) * 0.5
     data = TensorData(x, y)
-    bundle = DatasetBundle("toy", data, TensorData(x[:8], y[:8]), classes, SHAPE)
+    bundle = DatasetBundle("toy", data, TensorData(x[:8], y[:8]), classes, shape)
     parts, lo = [], 0
     for s in sizes:
         parts.append(torch.arange(lo, lo + s))
@@ -158,6 +159,32 @@ def test_batchnorm_models_match_serial_in_float64(float64: None, spec: ModelSpec
         assert [int(r.delta[key]) for r in vec] == [r.num_steps for r in serial]
 
 
+_DROPOUT = [
+    ModelSpec.make("lenet5", 4, SHAPE, dropout=0.3),
+    ModelSpec.make("mlp", 4, SHAPE, norm="bn", dropout=0.5),  # BatchNorm after a dropout layer's draws
+    ModelSpec.make("heterofl_cnn", 4, SHAPE, 0.25, dropout=0.2),
+    ModelSpec.make("alexnet", 4, (3, 32, 32), 0.125),  # two dropout layers at its default p = 0.5
+]
+
+
+@pytest.mark.parametrize("spec", _DROPOUT, ids=lambda s: s.name)
+@pytest.mark.parametrize("opt", [sgd(momentum=0.9), adam()], ids=["sgd", "adam"])
+def test_dropout_models_match_serial_in_float64(float64: None, spec: ModelSpec, opt: OptimizerConfig) -> None:
+    """The stacked path draws each client's dropout masks as serial training does (same seed, same
+    call, its real samples only). In float64 only rounding separates them then; one mask drawn from
+    the wrong state or over the padding would differ by the size of the update itself."""
+    store = make_store(shape=spec.input_shape)
+    tasks = make_tasks(store, spec, LocalTrain(2, 16, opt, opt.lr))
+    serial = SerialBackend(store).run(tasks)
+    vb = VectorizedBackend(store)
+    assert vb.path(spec) == "stacked"
+    before = torch.get_rng_state()
+    vec = vb.run(tasks)
+    assert torch.equal(torch.get_rng_state(), before)  # the global generator is left as it was found
+    assert vb.counts == {"vectorized": len(tasks), "serial": 0}
+    assert_close(serial, vec, 1e-9)
+
+
 @pytest.mark.parametrize("path", PATHS)
 def test_label_and_param_masks_per_client(float64: None, path: str) -> None:
     store = make_store()
@@ -190,8 +217,8 @@ def test_augment_with_given_draws_equals_augment_batch() -> None:
 
 
 def test_mixed_cohort_keeps_task_order_and_falls_back_once() -> None:
-    """Different specs form separate groups, evaluate tasks and dropout models run serially (said
-    once), and every result comes back at its task's position."""
+    """Different specs form separate groups, evaluate tasks and (off the stacked path) dropout models
+    run serially, said once, and every result comes back at its task's position."""
     store = make_store()
     tr = LocalTrain(1, 16, sgd(), 0.05)
     a = make_tasks(store, ModelSpec.make("lenet5", 4, SHAPE), tr)
@@ -200,13 +227,13 @@ def test_mixed_cohort_keeps_task_order_and_falls_back_once() -> None:
     ev = [ClientTask(client=0, round=3, spec=a[0].spec, state=a[0].state, kind="evaluate")]
     tasks = [a[0], b[1], d[0], a[1], b[2], ev[0], d[1], a[2]]
     serial = SerialBackend(store).run(tasks)
-    vb = VectorizedBackend(store)
+    vb = VectorizedBackend(store, stacked=False)  # vmap cannot replay per-client dropout masks
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         vec = vb.run(tasks)
         vec2 = vb.run(tasks)
     said = [w for w in caught if "dropout" in str(w.message)]
-    assert len(said) == 1
+    assert len(said) == 1 and "stacked path" in str(said[0].message)
     assert vb.counts == {"vectorized": 10, "serial": 6}
     for out in (vec, vec2):
         assert [r.client for r in out] == [t.client for t in tasks]

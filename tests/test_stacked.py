@@ -10,7 +10,7 @@ from test_backend_vectorized import SHAPE, adam, assert_close, make_store, make_
 from torch import nn
 
 from fedslim.engine.backends import SerialBackend
-from fedslim.engine.stacked import check_stacked, forward_stacked, stack_input, stack_model
+from fedslim.engine.stacked import ClientRng, check_stacked, forward_stacked, stack_input, stack_model
 from fedslim.engine.task import LocalTrain, ModelSpec
 from fedslim.engine.vectorized import VectorizedBackend
 from fedslim.models import build_model
@@ -19,19 +19,51 @@ from fedslim.registry import MODELS
 ZOO_SHAPE = (3, 32, 32)  # VGG-16 needs 32x32
 
 
-def _zoo_model(name: str, norm: str) -> nn.Module:
+def _zoo_model(name: str, norm: str, dropout: float = 0.0) -> nn.Module:
     torch.manual_seed(0)
-    # Dropout would draw different masks in the two forward passes being compared.
-    return build_model(name, num_classes=10, input_shape=ZOO_SHAPE, width=0.125, norm=norm, dropout=0.0)
+    return build_model(name, num_classes=10, input_shape=ZOO_SHAPE, width=0.125, norm=norm, dropout=dropout)
 
 
-@pytest.mark.parametrize("norm", ["bn", "gn", "none"])
+@pytest.mark.parametrize("norm,dropout", [("bn", 0.0), ("gn", 0.0), ("none", 0.0), ("bn", 0.5)])
 @pytest.mark.parametrize("name", MODELS.names())
-def test_every_zoo_model_stacks(name: str, norm: str) -> None:
-    model = _zoo_model(name, norm)
+def test_every_zoo_model_stacks(name: str, norm: str, dropout: float) -> None:
+    """With dropout the check compares masks too: per-client seeds against the global generator."""
+    model = _zoo_model(name, norm, dropout)
     made = stack_model(model)
     assert not isinstance(made, str), made
     assert check_stacked(model, *made, ZOO_SHAPE, 10) is None
+
+
+def test_check_catches_dropout_masks_drawn_from_the_wrong_state(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = _zoo_model("lenet5", "none", 0.5)
+    made = stack_model(model)
+    assert not isinstance(made, str)
+    inner = ClientRng.dropout_mask
+
+    def client0(self: ClientRng, client: int, *a: object) -> torch.Tensor:
+        return inner(self, 0, *a)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(ClientRng, "dropout_mask", client0)
+    why = check_stacked(model, *made, ZOO_SHAPE, 10)
+    assert why is not None and "differs" in why
+
+
+@pytest.mark.parametrize("layer", [nn.Dropout2d(0.3), nn.AlphaDropout(0.3)])
+def test_dropout_kinds_without_a_replay_are_refused_by_name(layer: nn.Module) -> None:
+    why = stack_model(nn.Sequential(nn.Conv2d(1, 2, 3), layer))
+    assert isinstance(why, str) and "layer 1" in why and type(layer).__name__ in why
+    assert not isinstance(stack_model(nn.Sequential(nn.Conv2d(1, 2, 3), nn.Dropout2d(0.0))), str)
+
+
+def test_client_rng_leaves_the_global_generator_as_it_was() -> None:
+    torch.manual_seed(3)
+    before = torch.get_rng_state()
+    rng = ClientRng("cpu", [5, 6])
+    a = rng.dropout_mask(0, (4, 8), 0.5, torch.zeros(1), torch.contiguous_format)
+    rng.close()
+    assert torch.equal(torch.get_rng_state(), before)
+    torch.manual_seed(5)
+    assert torch.equal(a, torch.nn.functional.dropout(torch.ones(4, 8), 0.5, True))  # serial's draw
 
 
 def test_stacked_input_layout_is_client_major_and_channels_last_when_asked() -> None:

@@ -11,7 +11,11 @@ samples need a stacked version:
 * ``Linear`` becomes one batched matrix product (``baddbmm``) over ``(k, B, F)``;
 * ``BatchNorm`` normalises each client's channels over that client's weight-1 samples (the padding of
   a short batch is left out, as in :class:`fedslim.engine.vectorized.MaskedBatchNorm`);
-* ``GroupNorm`` becomes one GroupNorm with k times the groups (a sample's groups never span clients).
+* ``GroupNorm`` becomes one GroupNorm with k times the groups (a sample's groups never span clients);
+* ``Dropout`` draws each client's mask from that client's own random state, with the very call
+  (``F.dropout`` on the client's real samples, in its memory format) that serial training makes after
+  seeding the global generator with the task's seed, so the masks are the same bit for bit
+  (:class:`ClientRng`). Other dropout layers (``Dropout2d``, ``AlphaDropout``) are refused.
 
 The weights come from a context (``StackCtx.params``, each with a leading client axis) rather than
 from module parameters, so one stacked module serves every cohort and every prefix of k clients.
@@ -49,6 +53,48 @@ class StackCtx:
         self.weight: Tensor | None = None  # (k, B) sample weights: 1 real, 0 padding
         self.stats: dict[str, tuple[Tensor, Tensor]] = {}  # BN name -> (mean, unbiased var), each (k, C)
         self.channels_last = False
+        self.rng: ClientRng | None = None  # per-client dropout states; needed only by StackedDropout
+
+
+class ClientRng:
+    """The random state each client's dropout would draw from when trained alone.
+
+    Serial training seeds the global generator with the task's seed and lets ``nn.Dropout`` draw from
+    it. Here each client keeps the state that generator would have (the device's default generator,
+    seeded and read back); a client's masks are drawn by putting its state into the generator, calling
+    ``F.dropout`` exactly as serial does, and taking the advanced state back. The generator's own state
+    is restored by :meth:`close`. ``rows`` holds each client's number of real samples in the current
+    step (set by the caller; padding samples draw nothing, as they do not exist in serial)."""
+
+    def __init__(self, device: torch.device | str, seeds: list[int]):
+        dev = torch.device(device)
+        if dev.type == "cuda":
+            index = dev.index if dev.index is not None else torch.cuda.current_device()
+            self.gen = torch.cuda.default_generators[index]
+        elif dev.type == "cpu":
+            self.gen = torch.default_generator
+        else:
+            raise ValueError(f"per-client dropout states on {dev.type!r}: only cpu and cuda are supported")
+        self._saved = self.gen.get_state()
+        self.states = []
+        for seed in seeds:
+            self.gen.manual_seed(seed)
+            self.states.append(self.gen.get_state())
+        self.gen.set_state(self._saved)
+        self.rows: list[int] = [0] * len(seeds)
+
+    def dropout_mask(self, client: int, shape: tuple[int, ...], p: float, like: Tensor,
+                     memory_format: torch.memory_format) -> Tensor:
+        """What ``F.dropout(x, p)`` multiplies a (shape) ``x`` by, drawn from ``client``'s state."""
+        ones = torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=memory_format).fill_(1)
+        self.gen.set_state(self.states[client])
+        try:
+            return F.dropout(ones, p, True)
+        finally:
+            self.states[client] = self.gen.get_state()
+
+    def close(self) -> None:
+        self.gen.set_state(self._saved)
 
 
 class _Stacked(nn.Module):
@@ -145,6 +191,41 @@ class StackedGroupNorm(_Stacked):
         return F.group_norm(x, self.num_groups * g.shape[0], g.flatten(), b.flatten(), self.eps)
 
 
+class StackedDropout(_Stacked):
+    """``nn.Dropout`` per client, each mask drawn as serial training draws it (see :class:`ClientRng`)."""
+
+    def __init__(self, m: nn.Dropout, name: str, ctx: StackCtx):
+        super().__init__(name, ctx)
+        self.p = m.p
+
+    def forward(self, x: Tensor) -> Tensor:
+        rng, w = self.ctx.rng, self.ctx.weight
+        if rng is None or w is None:
+            raise RuntimeError(f"stacked Dropout {self.name}: no per-client random states were given (StackCtx.rng)")
+        k, n = w.shape
+        c = x.shape[1] // k
+        # The memory format the client's own activation has in serial training: channels-last stays
+        # channels-last through the ops that keep a client's channels together.
+        fmt = torch.channels_last if (x.dim() == 4 and not x.is_contiguous()
+                                      and x.is_contiguous(memory_format=torch.channels_last)) \
+            else torch.contiguous_format
+        mask = torch.ones_like(x)
+        for i in range(k):
+            m = rng.rows[i]
+            if m > 0:
+                mask[:m, i * c:(i + 1) * c] = rng.dropout_mask(i, (m, c, *x.shape[2:]), self.p, x, fmt)
+        return x * mask
+
+
+def _draws_masks(m: nn.Module) -> bool:
+    return isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0
+
+
+def dropout_layers(model: nn.Module) -> list[str]:
+    """Names of the layers that draw random masks in training (dropout with p > 0)."""
+    return [name for name, m in model.named_modules() if _draws_masks(m)]
+
+
 # The layers with weights that have a stacked version; matched by exact type, because a subclass may
 # compute something else in its forward (weight standardisation, say).
 _STACKED: dict[type[nn.Module], type[_Stacked]] = {
@@ -163,10 +244,12 @@ def stack_model(model: nn.Module) -> tuple[nn.Module, StackCtx] | str:
             return f"GroupNorm {name} has no affine weights"
         if kind not in _STACKED and any(True for _ in m.parameters(recurse=False)):
             return f"layer {name} ({kind.__name__}) has weights of a kind the stacked model does not know"
+        if _draws_masks(m) and kind is not nn.Dropout:
+            return f"layer {name} ({kind.__name__}) draws masks the stacked model does not replay"
     sm = copy.deepcopy(model)
     ctx = StackCtx()
     for name, m in list(sm.named_modules()):
-        stacked_cls = _STACKED.get(type(m))
+        stacked_cls = StackedDropout if _draws_masks(m) else _STACKED.get(type(m))
         if stacked_cls is None:
             continue
         parent_name, _, attr = name.rpartition(".")
@@ -206,7 +289,9 @@ def check_stacked(model: nn.Module, sm: nn.Module, ctx: StackCtx, input_shape: t
     clients with different weights, two samples each). None if they agree, else what differed.
 
     In float64: on a GPU, float32 convolutions may run in TF32 (10-bit mantissa), where a grouped and
-    a plain convolution differ by ~1e-3 of their outputs; a layout error differs by the outputs' size."""
+    a plain convolution differ by ~1e-3 of their outputs; a layout error differs by the outputs' size.
+    Dropout layers draw their masks from per-client seeds on the stacked side and from the global
+    generator seeded alike on the per-client side, so the check covers the masks too."""
     dev = next(model.parameters()).device
     gen = torch.Generator().manual_seed(0)
     state = {k: v.detach() for k, v in model.state_dict().items()}
@@ -222,16 +307,24 @@ def check_stacked(model: nn.Module, sm: nn.Module, ctx: StackCtx, input_shape: t
     x = torch.randn(2, 2, *input_shape, generator=gen, dtype=torch.float64).to(dev)
     was_training = model.training
     model.train()  # functional_call's BatchNorm updates go to the stacked copies, not to the model
+    seeds = [11, 12]
+    ctx.rng = ClientRng(dev, seeds)
+    ctx.rng.rows = [2, 2]
+    want_parts = []
     try:
-        with torch.no_grad():
+        with torch.no_grad(), torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
             ones = torch.ones(2, 2, device=dev, dtype=torch.float64)
             got, _ = forward_stacked(sm, ctx, stacked, x, ones, num_classes)
-            want = torch.stack([functional_call(model, {k: v[g] for k, v in stacked.items()}, (x[g],))
-                                for g in range(2)])
+            for g in range(2):
+                torch.manual_seed(seeds[g])
+                want_parts.append(functional_call(model, {k: v[g] for k, v in stacked.items()}, (x[g],)))
+            want = torch.stack(want_parts)
     except Exception as e:  # the layout broke something in the model's forward
         return f"the stacked forward failed ({type(e).__name__}: {e})"
     finally:
         model.train(was_training)
+        ctx.rng.close()
+        ctx.rng = None
     if got.shape != want.shape:
         return f"the stacked forward gave shape {tuple(got.shape)}, expected {tuple(want.shape)}"
     err = float((got - want).abs().max())

@@ -26,9 +26,14 @@ weights and optimizer state are left untouched afterwards. Batches shorter than 
 step are padded with weight-0 samples: they add nothing to the loss or the gradient, and
 BatchNorm layers are swapped for a masked version that leaves them out of the batch statistics.
 
+Dropout: serial training draws a client's masks from the global generator seeded with the task's
+seed. The stacked path replays that per client (each client's generator state is kept and swapped in
+for its draws), so models with dropout match serial too; vmap cannot, so a model with dropout that
+cannot take the stacked path trains serially.
+
 What runs serially instead (each reason said once, as a warning): tasks that are not ``train``
-tasks, single-task groups, models with dropout (its masks come from the global RNG per client, which
-a batched step cannot replay) or with buffers outside BatchNorm, clients with no data.
+tasks, single-task groups, models with buffers outside BatchNorm, models with dropout off the stacked
+path, clients with no data.
 """
 
 from __future__ import annotations
@@ -47,7 +52,15 @@ from fedslim.engine import process_backend
 from fedslim.engine.backends import ModelBuffers, SerialBackend
 from fedslim.engine.client import _batches
 from fedslim.engine.process_backend import ProcessBackend, fork_available
-from fedslim.engine.stacked import StackCtx, check_stacked, forward_stacked, masked_batch_norm, stack_model
+from fedslim.engine.stacked import (
+    ClientRng,
+    StackCtx,
+    check_stacked,
+    dropout_layers,
+    forward_stacked,
+    masked_batch_norm,
+    stack_model,
+)
 from fedslim.engine.store import ClientStore
 from fedslim.engine.task import ClientResult, ClientTask, LocalTrain, ModelSpec
 from fedslim.registry import BACKENDS
@@ -104,12 +117,11 @@ class _Plan:
     keys: frozenset[str]
     stacked: tuple[nn.Module, StackCtx] | None = None  # see fedslim.engine.stacked; None: vmap
     why_vmap: str | None = None  # why there is no stacked module
+    has_dropout: bool = False
 
 
 def why_not_vectorizable(model: nn.Module) -> str | None:
     for name, m in model.named_modules():
-        if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0:
-            return f"dropout ({name}) draws per-client masks from the global RNG"
         if isinstance(m, nn.SyncBatchNorm):
             return "SyncBatchNorm"
         if not isinstance(m, nn.modules.batchnorm._BatchNorm) and any(True for _ in m.buffers(recurse=False)):
@@ -133,7 +145,8 @@ def _make_plan(model: nn.Module, spec: ModelSpec, use_stacked: bool = True) -> _
     trainable = [k for k, p in params.items() if p.requires_grad]
     frozen = [k for k, p in params.items() if not p.requires_grad]
     buffers = [k for k, _ in fm.named_buffers()]
-    plan = _Plan(fm, ctx, trainable, frozen, buffers, bns, frozenset(fm.state_dict()))
+    plan = _Plan(fm, ctx, trainable, frozen, buffers, bns, frozenset(fm.state_dict()),
+                 has_dropout=bool(dropout_layers(model)))
     if not use_stacked:
         plan.why_vmap = "the stacked path was turned off"
         return plan
@@ -155,6 +168,7 @@ class _Schedule:
     weight: Tensor  # (S, G, B) float: 1 for a real sample, 0 for padding
     count: Tensor  # (S, G) float: real samples per step
     steps: list[int]  # per client
+    rows: list[list[int]]  # (S, G) real samples per step, on the host (for dropout draws)
     flip: Tensor | None = None  # (S, G, B) bool
     dy: Tensor | None = None  # (S, G, B) long
     dx: Tensor | None = None
@@ -222,7 +236,8 @@ def _build_schedule(per: list[list[tuple[Tensor, tuple[Tensor, ...]]]], offsets:
                 flip[s, g, :m] = draws[0]
             if dy is not None and dx is not None:
                 dy[s, g, :m], dx[s, g, :m] = draws[1], draws[2]
-    return _Schedule(idx.to(device), weight.to(device), weight.sum(2).to(device), steps, _to(flip, device),
+    rows = weight.sum(2).to(torch.long).tolist()
+    return _Schedule(idx.to(device), weight.to(device), weight.sum(2).to(device), steps, rows, _to(flip, device),
                      _to(dy, device), _to(dx, device))
 
 
@@ -312,6 +327,10 @@ class VectorizedBackend:
             model = self.buffers.get(spec)
             why = why_not_vectorizable(model)
             plan = why if why is not None else _make_plan(model, spec, self.use_stacked)
+            drops = dropout_layers(model)
+            if isinstance(plan, _Plan) and plan.stacked is None and drops:
+                plan = (f"dropout ({drops[0]}) is replayed per client only on the stacked path, "
+                        f"which this model cannot take: {plan.why_vmap}")
             if isinstance(plan, _Plan) and plan.why_vmap is not None and self.use_stacked:
                 self._say_once(f"{spec.name} trains through vmap (slower per step): {plan.why_vmap}")
             self._plans[spec] = plan
@@ -449,11 +468,38 @@ class VectorizedBackend:
             return dict(zip(leaves, gs, strict=True)), (per.detach(), stats)
 
         step_fn = stacked_step if plan.stacked is not None else vmap_step
-        loss_sum = torch.zeros(G, device=dev)
-        seen = torch.zeros(G, device=dev)
+        rng = None
+        if plan.stacked is not None and plan.has_dropout:
+            rng = plan.stacked[1].rng = ClientRng(dev, [t.seed for t in tasks])
+        try:
+            loss_sum, seen = self._steps(plan, tr, sch, step_fn, opt, params, cur, pmasks, x_all, y_all, lmask, rng)
+        finally:
+            if rng is not None:
+                rng.close()
+                assert plan.stacked is not None
+                plan.stacked[1].rng = None
+        steps = sch.steps
+        results: list[ClientResult | None] = [None] * G
+        for g, t in enumerate(tasks):
+            delta = {k: (cur[k][g] - start[k][g]).cpu() for k in t.state}
+            n_seen = int(seen[g].item())
+            results[order[g]] = ClientResult(t.client, t.round, delta, sizes[g], steps[g],
+                                             float(loss_sum[g]) / max(n_seen, 1), {"samples_processed": n_seen})
+        return results  # type: ignore[return-value]
+
+    def _steps(self, plan: _Plan, tr: LocalTrain, sch: _Schedule, step_fn: Any, opt: _Optimizer,
+               params: dict[str, Tensor], cur: dict[str, Tensor], pmasks: dict[str, Tensor] | None,
+               x_all: Tensor, y_all: Tensor, lmask: Tensor, rng: ClientRng | None) -> tuple[Tensor, Tensor]:
+        """The group's local steps, in place on ``params``/``cur``; returns per-client loss sums and
+        samples seen."""
+        G = len(sch.steps)
+        loss_sum = torch.zeros(G, device=self.device)
+        seen = torch.zeros(G, device=self.device)
         steps = sch.steps
         for s in range(max(steps)):
             k = sum(1 for n in steps if n > s)
+            if rng is not None:
+                rng.rows = sch.rows[s][:k]
             rows = sch.idx[s, :k]
             xb, yb, w = x_all[rows], y_all[rows], sch.weight[s, :k]
             if sch.flip is not None:
@@ -478,13 +524,7 @@ class VectorizedBackend:
             cnt = sch.count[s, :k]
             loss_sum[:k] += loss * cnt
             seen[:k] += cnt
-        results: list[ClientResult | None] = [None] * G
-        for g, t in enumerate(tasks):
-            delta = {k: (cur[k][g] - start[k][g]).cpu() for k in t.state}
-            n_seen = int(seen[g].item())
-            results[order[g]] = ClientResult(t.client, t.round, delta, sizes[g], steps[g],
-                                             float(loss_sum[g]) / max(n_seen, 1), {"samples_processed": n_seen})
-        return results  # type: ignore[return-value]
+        return loss_sum, seen
 
     def close(self) -> None:
         self.serial.close()
