@@ -51,6 +51,7 @@ from torch.func import functional_call, grad, vmap
 from fedslim.engine import process_backend
 from fedslim.engine.backends import ModelBuffers, SerialBackend
 from fedslim.engine.client import _batches
+from fedslim.engine.memory import available_bytes, client_bytes
 from fedslim.engine.process_backend import ProcessBackend, fork_available
 from fedslim.engine.stacked import (
     ClientRng,
@@ -66,6 +67,10 @@ from fedslim.engine.task import ClientResult, ClientTask, LocalTrain, ModelSpec
 from fedslim.registry import BACKENDS
 
 Tensor = torch.Tensor
+
+# The share of the device's free memory a group is sized to take (the per-client figure is already an
+# upper estimate; the rest is left for the data, the allocator's slack and everything else running).
+MEMORY_SHARE = 0.8
 
 
 class _Ctx:
@@ -315,6 +320,8 @@ class VectorizedBackend:
         self.buffers: ModelBuffers = self.serial.buffers
         self._plans: dict[ModelSpec, _Plan | str] = {}
         self._said: set[str] = set()
+        self._client_bytes: dict[tuple[ModelSpec, int], int] = {}
+        self._told_memory: set[ModelSpec] = set()
         self.counts = {"vectorized": 0, "serial": 0}  # tasks run each way (for reports and tests)
 
     def _say_once(self, msg: str) -> None:
@@ -371,7 +378,8 @@ class VectorizedBackend:
                 continue
             lo = 0
             while lo < len(members):
-                chunk = members[lo:lo + (self.max_group or len(members))]
+                want = min(self.max_group or len(members), len(members) - lo)
+                chunk = members[lo:lo + self._fits(tasks[members[0]], want)]
                 results = self._train_chunk([tasks[i] for i in chunk])
                 if results is None:  # out of memory: max_group was halved; the same clients again
                     continue
@@ -384,6 +392,27 @@ class VectorizedBackend:
         self.counts["serial"] += len(alone)
         assert all(r is not None for r in out)
         return out  # type: ignore[return-value]
+
+    def _fits(self, task: ClientTask, want: int) -> int:
+        """How many of ``want`` clients like ``task`` to train at once in the memory the device has
+        free (at least one; a single client is what the serial procedure would need anyway)."""
+        avail = available_bytes(self.device)
+        if avail is None or want <= 1:
+            return want
+        assert task.train is not None
+        key = (task.spec, task.train.batch_size)
+        if key not in self._client_bytes:
+            self._client_bytes[key] = client_bytes(self.buffers.get(task.spec), task.spec.input_shape,
+                                                   task.train.batch_size)
+        each = self._client_bytes[key]
+        n = max(1, min(want, int(avail * MEMORY_SHARE) // each))
+        if n < want and task.spec not in self._told_memory:
+            self._told_memory.add(task.spec)
+            gib = 2 ** 30
+            self._say_once(f"a group of {want} {task.spec.name} clients needs up to {want * each / gib:.1f} GiB "
+                           f"({each / gib:.2f} each) and {self.device} has {avail / gib:.1f} GiB free; training "
+                           f"at most {n} at once (engine.max_group sets a lower cap)")
+        return n
 
     def _train_chunk(self, tasks: list[ClientTask]) -> list[ClientResult] | None:
         """``_train_group``, or None after halving ``max_group`` when the group did not fit in the
