@@ -278,11 +278,8 @@ def test_runner_vectorized_matches_serial(tiny_cfg: dict, tmp_path: Path) -> Non
     assert finals["vectorized_loss"] == pytest.approx(finals["serial_loss"], rel=1e-4)
 
 
-def test_max_group_splits_a_group_into_batched_steps_of_at_most_that_many(monkeypatch: pytest.MonkeyPatch) -> None:
-    store = make_store()
-    tasks = make_tasks(store, ModelSpec.make("lenet5", 4, SHAPE), LocalTrain(1, 16, adam(), 1e-3))
-    cfg = validate({"engine": {"backend": "vectorized", "max_group": 2}})
-    vb = VectorizedBackend(store, cfg=cfg)
+def record_group_sizes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The sizes of the groups the vectorized backend trains from now on, in order."""
     sizes: list[int] = []
     inner = VectorizedBackend._train_group
 
@@ -291,6 +288,15 @@ def test_max_group_splits_a_group_into_batched_steps_of_at_most_that_many(monkey
         return inner(self, group)
 
     monkeypatch.setattr(VectorizedBackend, "_train_group", spy)
+    return sizes
+
+
+def test_max_group_splits_a_group_into_batched_steps_of_at_most_that_many(monkeypatch: pytest.MonkeyPatch) -> None:
+    store = make_store()
+    tasks = make_tasks(store, ModelSpec.make("lenet5", 4, SHAPE), LocalTrain(1, 16, adam(), 1e-3))
+    cfg = validate({"engine": {"backend": "vectorized", "max_group": 2}})
+    vb = VectorizedBackend(store, cfg=cfg)
+    sizes = record_group_sizes(monkeypatch)
     vec = vb.run(tasks)
     assert sizes == [2, 2, 1]
     assert_close(SerialBackend(store).run(tasks), vec, 1e-5)

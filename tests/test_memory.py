@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_backend_vectorized import SHAPE, adam, assert_close, make_store, make_tasks
+from test_backend_vectorized import SHAPE, adam, assert_close, make_store, make_tasks, record_group_sizes
 from torch import nn
 
 from fedslim.engine import memory
 from fedslim.engine.backends import SerialBackend
-from fedslim.engine.task import ClientResult, ClientTask, LocalTrain, ModelSpec
+from fedslim.engine.task import LocalTrain, ModelSpec
 from fedslim.engine.vectorized import MEMORY_SHARE, VectorizedBackend
 
 
@@ -62,14 +62,7 @@ def test_groups_are_sized_to_free_memory_and_said_once(monkeypatch: pytest.Monke
     vb = VectorizedBackend(store)
     each = memory.client_bytes(vb.buffers.get(spec), SHAPE, 16)
     monkeypatch.setattr("fedslim.engine.vectorized.available_bytes", lambda _d: int(2.5 * each / MEMORY_SHARE))
-    sizes: list[int] = []
-    inner = VectorizedBackend._train_group
-
-    def spy(self: VectorizedBackend, group: list[ClientTask]) -> list[ClientResult]:
-        sizes.append(len(group))
-        return inner(self, group)
-
-    monkeypatch.setattr(VectorizedBackend, "_train_group", spy)
+    sizes = record_group_sizes(monkeypatch)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         vec = vb.run(tasks)
