@@ -1,7 +1,8 @@
 """One cohort's local step, three ways: serial, vectorized through vmap, vectorized as a stacked module.
 
     python bench/vectorized_step.py [--device cpu|cuda] [--clients 25] [--batch 64] [--steps 8]
-                                    [--model lenet5] [--trials 3] [--threads N] [--json FILE]
+                                    [--model lenet5] [--dropout P] [--trials 3] [--threads N]
+                                    [--json FILE]
 
 G clients (``--clients``) of LeNet-5 on MNIST-shaped data, each with ``--steps`` local Adam steps of
 ``--batch`` samples, run by the serial backend and by the vectorized backend on both of its paths
@@ -13,6 +14,9 @@ this is what bounds a small model's step there), and each vectorized path's spee
 On a CPU, run it twice: at the workload's size (``--batch 64``) the figures are kernel time; with
 tiny batches (``--clients 2 --batch 2``) they are mostly the host's cost of issuing a step, which is
 what a GPU step of a small model costs. On a GPU, ``--device cuda`` gives the real figure.
+
+``--dropout P`` puts dropout (before the classifier) into the model: the stacked path then replays each
+client's masks from its own random state, and the vmap path, which cannot, is left out.
 """
 
 from __future__ import annotations
@@ -61,7 +65,7 @@ def _setup(args: argparse.Namespace) -> tuple[ClientStore, list[ClientTask]]:
     # Channels-last on a CPU, NCHW on CUDA: what the engine's default memory_format picks.
     store = ClientStore(bundle, [torch.arange(c * n, (c + 1) * n) for c in range(args.clients)],
                         device=args.device, channels_last=args.device == "cpu")
-    spec = ModelSpec.make(args.model, 10, SHAPE)
+    spec = ModelSpec.make(args.model, 10, SHAPE, **({"dropout": args.dropout} if args.dropout else {}))
     torch.manual_seed(0)
     state = {k: v.detach().clone() for k, v in spec.build().state_dict().items()}
     train = LocalTrain(1, args.batch, OptimizerConfig(name="adam", lr=1e-3), 1e-3)
@@ -81,6 +85,7 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--steps", type=int, default=8, help="local steps per client (one epoch of this many batches)")
     ap.add_argument("--model", default="lenet5")
+    ap.add_argument("--dropout", type=float, default=0.0, help="dropout before the classifier (default 0)")
     ap.add_argument("--trials", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     ap.add_argument("--json", default=None)
@@ -95,6 +100,9 @@ def main() -> int:
         "vmap": VectorizedBackend(store, device=args.device, stacked=False),
         "stacked": VectorizedBackend(store, device=args.device),
     }
+    if args.dropout:
+        del backends["vmap"]  # it would run the clients serially: vmap cannot replay their masks
+    assert backends["stacked"].path(tasks[0].spec) == "stacked"
     ops: dict[str, float] = {}
     times: dict[str, list[float]] = {k: [] for k in backends}
     for name, b in backends.items():
@@ -110,7 +118,8 @@ def main() -> int:
             _sync(args.device)
             times[name].append((time.perf_counter() - t) / args.steps * 1000)
     ms = {k: statistics.median(v) for k, v in times.items()}
-    print(f"{args.model}, {args.clients} clients x {args.steps} Adam steps of {args.batch} samples, "
+    name = f"{args.model} (dropout {args.dropout})" if args.dropout else args.model
+    print(f"{name}, {args.clients} clients x {args.steps} Adam steps of {args.batch} samples, "
           f"{args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"{'path':8s} {'ms/cohort step':>15s} {'ops/cohort step':>16s} {'x serial':>9s}")
     for k in backends:
