@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from collections.abc import Sequence
+from typing import Any, TextIO
 
 from fedslim.config import ConfigError
 
@@ -99,12 +101,31 @@ def _version() -> str:
     return __version__
 
 
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                  file: TextIO | None = None, line: str | None = None, *, _default: Any = warnings.showwarning) -> None:
+    """fedslim's own warnings are said to a user, in one line; a source line of ours would mean
+    nothing to them. Everyone else's keep Python's format."""
+    if not os.path.abspath(filename).startswith(_PACKAGE_DIR):
+        _default(message, category, filename, lineno, file, line)
+        return
+    print(f"fedslim: warning: {message}", file=file or sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning
+        return _dispatch(args)
+
+
+def _dispatch(args: argparse.Namespace) -> int:
     from fedslim.engine.run import RunError
     from fedslim.registry import UnknownNameError
     from fedslim.report import ReportError

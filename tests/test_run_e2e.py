@@ -131,6 +131,16 @@ def test_report_table_and_plots(tmp_path: Path, tiny_cfg: dict, capsys) -> None:
     assert main(["report", str(tmp_path)]) == 2
 
 
+def test_cli_says_fedslim_warnings_in_one_line(tmp_path: Path, tiny_cfg: dict, capsys,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("fedslim.engine.vectorized.available_bytes", lambda _d: 1)  # every group too large
+    tiny_cfg["model"] = {"name": "lenet5"}
+    p = _write(tmp_path, tiny_cfg)
+    assert main(["run", str(p), "-q", "--set", "engine.backend=vectorized", "--set", "federation.rounds=1"]) == 0
+    err = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert len(err) == 1 and err[0].startswith("fedslim: warning: vectorized backend: a group of 2 lenet5 clients")
+
+
 def test_list_names_everything(capsys) -> None:
     assert main(["list"]) == 0
     out = capsys.readouterr().out
