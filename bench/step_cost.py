@@ -1,6 +1,6 @@
 """What fedslim's host settings (fedslim.engine.host) do to one client training step on one core.
 
-    python bench/step_cost.py [--model lenet5] [--trials 7] [--steps 60] [--json FILE]
+    python bench/step_cost.py [--model lenet5] [--trials 7] [--steps 60] [--procs N] [--json FILE]
 
 LeNet-5 on MNIST-shaped batches of 64 with Adam, one torch thread. Variants: the plain loop (NCHW,
 torch's default Adam, glibc's allocator defaults), then channels-last, fused Adam, both, and all
@@ -9,6 +9,10 @@ variants with and without them run in two child processes, one after the other; 
 variants' trials are interleaved so that a machine that slows down slows all of them. Reported: the
 median ms per step over the trials, page faults per step, and each variant's speed-up over the plain
 loop.
+
+``--procs 2`` runs two such children at once (and reports their mean): what a step costs when two
+single-thread workers share the machine, as fedslim's ``process`` backend and Flower's two Ray
+clients do in bench/run.sh. The variants need not slow down alike there.
 """
 
 from __future__ import annotations
@@ -81,6 +85,7 @@ def main() -> int:
     ap.add_argument("--model", default="lenet5")
     ap.add_argument("--trials", type=int, default=7)
     ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--procs", type=int, default=1, help="children measuring at once (default 1)")
     ap.add_argument("--json", help="also write the figures to this file")
     ap.add_argument("--child", choices=["plain", "tuned"], help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -88,14 +93,25 @@ def main() -> int:
         res = measure(args.child == "tuned", args.model, args.trials, args.steps)
         print("RESULT " + json.dumps(res), flush=True)
         return 0
+    if args.procs < 1:
+        ap.error(f"--procs: must be at least 1 (got {args.procs})")
     results: dict[str, dict[str, float]] = {}
     for child in ("plain", "tuned"):
-        out = subprocess.run([sys.executable, __file__, "--child", child, "--model", args.model, "--trials",
-                              str(args.trials), "--steps", str(args.steps)], capture_output=True, text=True,
-                             check=True).stdout
-        results.update(json.loads(next(ln for ln in out.splitlines() if ln.startswith("RESULT "))[7:]))
+        cmd = [sys.executable, __file__, "--child", child, "--model", args.model, "--trials", str(args.trials),
+               "--steps", str(args.steps)]
+        procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) for _ in range(args.procs)]
+        runs = []
+        for pr in procs:
+            out, _ = pr.communicate()
+            if pr.returncode != 0:
+                raise SystemExit(f"step_cost child {child} failed (exit {pr.returncode})")
+            runs.append(json.loads(next(ln for ln in out.splitlines() if ln.startswith("RESULT "))[7:]))
+        for v in runs[0]:
+            results[v] = {k: statistics.fmean(r[v][k] for r in runs) for k in runs[0][v]}
     base = results["plain"]["ms_per_step"]
-    print(f"{args.model}, batch 64, Adam, 1 thread; median of {args.trials} interleaved trials of {args.steps} steps")
+    at_once = f"; {args.procs} processes at once, their mean" if args.procs > 1 else ""
+    print(f"{args.model}, batch 64, Adam, 1 thread; median of {args.trials} interleaved trials of {args.steps} steps"
+          f"{at_once}")
     print(f"{'variant':<22} {'ms/step':>8} {'spread':>7} {'faults/step':>11} {'speed-up':>8}")
     for v, r in results.items():
         r["speedup"] = base / r["ms_per_step"]
