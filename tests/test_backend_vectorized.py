@@ -264,15 +264,20 @@ def test_run_banner_says_why_auto_ran_serial(tiny_cfg: dict, monkeypatch: pytest
     assert banner.startswith("backend serial on cpu") and f"(auto: {reason}" in banner
 
 
-def test_runner_vectorized_matches_serial(tiny_cfg: dict, tmp_path: Path) -> None:
+@pytest.mark.parametrize("model", [{"name": "lenet5"}, {"name": "lenet5", "options": {"dropout": 0.3}}],
+                         ids=["lenet5", "lenet5-dropout"])
+def test_runner_vectorized_matches_serial(tiny_cfg: dict, tmp_path: Path, model: dict) -> None:
     finals = {}
     for backend in ("serial", "vectorized"):
         cfg = {**tiny_cfg, "name": backend, "engine": {"progress": False, "backend": backend}}
-        cfg["model"] = {"name": "lenet5"}
+        cfg["model"] = model
         runner = Runner(validate(cfg), out=open("/dev/null", "w"))  # noqa: SIM115
         finals[backend] = runner.run()["final"]["global"]
         rows = read_jsonl(runner.run_dir / "metrics.jsonl")
         finals[backend + "_loss"] = [r["train_loss"] for r in rows]
+        if backend == "vectorized":
+            assert isinstance(runner.backend, VectorizedBackend)
+            assert runner.backend.counts["vectorized"] > 0  # the groups were batched, not run serially
     assert finals["vectorized"]["acc"] == pytest.approx(finals["serial"]["acc"], abs=0.01)
     assert finals["vectorized"]["loss"] == pytest.approx(finals["serial"]["loss"], rel=1e-4)
     assert finals["vectorized_loss"] == pytest.approx(finals["serial_loss"], rel=1e-4)
