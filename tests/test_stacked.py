@@ -11,6 +11,7 @@ from torch import nn
 
 from fedslim.engine.backends import SerialBackend
 from fedslim.engine.stacked import ClientRng, check_stacked, forward_stacked, stack_input, stack_model
+from fedslim.engine.store import ClientStore
 from fedslim.engine.task import LocalTrain, ModelSpec
 from fedslim.engine.vectorized import VectorizedBackend
 from fedslim.models import build_model
@@ -141,3 +142,39 @@ def test_backend_falls_back_to_vmap_once_and_still_matches_serial(monkeypatch: p
     assert len(said) == 1 and "differs" in str(said[0].message)
     assert vb.counts["vectorized"] == 2 * len(tasks)
     assert_close(SerialBackend(store).run(tasks), vec, 1e-5)
+
+
+def _conv_dropout_model(num_classes: int, input_shape: tuple[int, ...], width: float = 1.0, **_: object) -> nn.Module:
+    c, h, w = input_shape
+    return nn.Sequential(nn.Conv2d(c, 4, 3, padding=1), nn.ReLU(), nn.Dropout(0.4), nn.Conv2d(4, 3, 3, padding=1),
+                         nn.Flatten(), nn.Linear(3 * h * w, num_classes))
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_dropout_on_image_activations_stacks_only_when_not_channels_last(
+        monkeypatch: pytest.MonkeyPatch, channels_last: bool) -> None:
+    """A mask is drawn in the memory order of its tensor. NCHW activations have one order, which the
+    stacked path replays; channels-last ones have the order the preceding kernels chose, so such a
+    model trains serially there, said once, rather than with other masks than serial's."""
+    monkeypatch.setitem(MODELS._items, "test_conv_dropout", _conv_dropout_model)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)  # equal masks leave only rounding; other masks differ by O(1)
+    try:
+        base = make_store()
+        store = ClientStore(base.bundle, base.train_parts, channels_last=channels_last)
+        spec = ModelSpec.make("test_conv_dropout", 4, SHAPE)
+        tasks = make_tasks(store, spec, LocalTrain(2, 16, adam(), 1e-3))
+        vb = VectorizedBackend(store)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            vec = vb.run(tasks)
+        serial = SerialBackend(store).run(tasks)
+    finally:
+        torch.set_default_dtype(old)
+    said = [str(w.message) for w in caught if "image activations" in str(w.message)]
+    if channels_last:
+        assert vb.path(spec) == "serial" and vb.counts["vectorized"] == 0
+        assert len(said) == 1 and "engine.memory_format=contiguous" in said[0]
+    else:
+        assert vb.path(spec) == "stacked" and vb.counts["vectorized"] == len(tasks) and not said
+    assert_close(serial, vec, 1e-9)

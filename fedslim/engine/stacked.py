@@ -13,9 +13,10 @@ samples need a stacked version:
   a short batch is left out, as in :class:`fedslim.engine.vectorized.MaskedBatchNorm`);
 * ``GroupNorm`` becomes one GroupNorm with k times the groups (a sample's groups never span clients);
 * ``Dropout`` draws each client's mask from that client's own random state, with the very call
-  (``F.dropout`` on the client's real samples, in its memory format) that serial training makes after
-  seeding the global generator with the task's seed, so the masks are the same bit for bit
-  (:class:`ClientRng`). Other dropout layers (``Dropout2d``, ``AlphaDropout``) are refused.
+  (``F.dropout`` on the client's real samples, contiguous) that serial training makes after seeding
+  the global generator with the task's seed, so the masks are the same bit for bit
+  (:class:`ClientRng`; for image activations trained channels-last see :func:`dropout_input_dims`).
+  Other dropout layers (``Dropout2d``, ``AlphaDropout``) are refused.
 
 The weights come from a context (``StackCtx.params``, each with a leading client axis) rather than
 from module parameters, so one stacked module serves every cohort and every prefix of k clients.
@@ -204,16 +205,15 @@ class StackedDropout(_Stacked):
             raise RuntimeError(f"stacked Dropout {self.name}: no per-client random states were given (StackCtx.rng)")
         k, n = w.shape
         c = x.shape[1] // k
-        # The memory format the client's own activation has in serial training: channels-last stays
-        # channels-last through the ops that keep a client's channels together.
-        fmt = torch.channels_last if (x.dim() == 4 and not x.is_contiguous()
-                                      and x.is_contiguous(memory_format=torch.channels_last)) \
-            else torch.contiguous_format
+        # Masks are drawn in memory order, so a client's must be drawn in the layout its activation
+        # has in serial training: contiguous, as the backend only comes here with image activations
+        # when training is not channels-last (see dropout_input_dims).
         mask = torch.ones_like(x)
         for i in range(k):
             m = rng.rows[i]
             if m > 0:
-                mask[:m, i * c:(i + 1) * c] = rng.dropout_mask(i, (m, c, *x.shape[2:]), self.p, x, fmt)
+                mask[:m, i * c:(i + 1) * c] = rng.dropout_mask(i, (m, c, *x.shape[2:]), self.p, x,
+                                                               torch.contiguous_format)
         return x * mask
 
 
@@ -224,6 +224,35 @@ def _draws_masks(m: nn.Module) -> bool:
 def dropout_layers(model: nn.Module) -> list[str]:
     """Names of the layers that draw random masks in training (dropout with p > 0)."""
     return [name for name, m in model.named_modules() if _draws_masks(m)]
+
+
+def dropout_input_dims(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, int]:
+    """How many dimensions each dropout layer's input has (one eval-mode forward of two samples).
+
+    A mask is drawn in the memory order of the tensor it covers. On flat (B, F) activations that
+    order is fixed; on image activations trained channels-last it follows whatever layout the kernels
+    before the layer produce, which the stacked path cannot see, so the backend keeps such models off
+    it."""
+    dims: dict[str, int] = {}
+    names = {m: name for name, m in model.named_modules() if _draws_masks(m)}
+    if not names:
+        return dims
+
+    def record(m: nn.Module, args: tuple[Tensor, ...]) -> None:
+        dims[names[m]] = args[0].dim()
+
+    handles = [m.register_forward_pre_hook(record) for m in names]
+    was_training = model.training
+    p = next(model.parameters())
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(torch.zeros(2, *input_shape, dtype=p.dtype, device=p.device))
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return dims
 
 
 # The layers with weights that have a stacked version; matched by exact type, because a subclass may

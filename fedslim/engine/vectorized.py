@@ -57,6 +57,7 @@ from fedslim.engine.stacked import (
     ClientRng,
     StackCtx,
     check_stacked,
+    dropout_input_dims,
     dropout_layers,
     forward_stacked,
     masked_batch_norm,
@@ -338,6 +339,12 @@ class VectorizedBackend:
             if isinstance(plan, _Plan) and plan.stacked is None and drops:
                 plan = (f"dropout ({drops[0]}) is replayed per client only on the stacked path, "
                         f"which this model cannot take: {plan.why_vmap}")
+            if isinstance(plan, _Plan) and drops and self.store.channels_last and len(spec.input_shape) == 3:
+                images = [n for n, d in dropout_input_dims(model, spec.input_shape).items() if d > 2]
+                if images:
+                    plan = (f"dropout ({images[0]}) acts on image activations, and trained channels-last "
+                            f"their masks follow a memory layout the stacked path cannot replay "
+                            f"(engine.memory_format=contiguous lifts this)")
             if isinstance(plan, _Plan) and plan.why_vmap is not None and self.use_stacked:
                 self._say_once(f"{spec.name} trains through vmap (slower per step): {plan.why_vmap}")
             self._plans[spec] = plan
