@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from fedslim.models.profile import forward_zeros
+
 # Copies of a client's model state alive at the peak of a batched step: the start and current
 # weights, the gradients, Adam's two moments and the denominator it builds, a weight-decayed gradient,
 # the deltas taken at the end. (SGD needs fewer; the estimate is meant to be an upper bound.)
@@ -58,8 +60,7 @@ def available_bytes(device: torch.device | str) -> int | None:
 
 
 def activation_elements_per_sample(model: nn.Module, input_shape: tuple[int, ...]) -> int:
-    """Elements of every leaf module's output for one input sample (a forward pass of two samples
-    in eval mode, so that running statistics and random generators are left alone)."""
+    """Elements of every leaf module's output for one input sample (see ``forward_zeros``)."""
     total = 0
 
     def count(_m: nn.Module, _i: object, out: object) -> None:
@@ -69,17 +70,12 @@ def activation_elements_per_sample(model: nn.Module, input_shape: tuple[int, ...
 
     leaves = [m for m in model.modules() if next(m.children(), None) is None]
     handles = [m.register_forward_hook(count) for m in leaves]
-    was_training = model.training
-    p = next(model.parameters())
     try:
-        model.eval()
-        with torch.no_grad():
-            model(torch.zeros(2, *input_shape, dtype=p.dtype, device=p.device))
+        n = forward_zeros(model, input_shape)
     finally:
-        model.train(was_training)
         for h in handles:
             h.remove()
-    return total // 2
+    return total // n
 
 
 def client_bytes(model: nn.Module, input_shape: tuple[int, ...], batch_size: int) -> int:

@@ -43,6 +43,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from fedslim.models.profile import forward_zeros
+
 Tensor = torch.Tensor
 
 
@@ -227,7 +229,7 @@ def dropout_layers(model: nn.Module) -> list[str]:
 
 
 def dropout_input_dims(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, int]:
-    """How many dimensions each dropout layer's input has (one eval-mode forward of two samples).
+    """How many dimensions each dropout layer's input has (one forward, see ``forward_zeros``).
 
     A mask is drawn in the memory order of the tensor it covers. On flat (B, F) activations that
     order is fixed; on image activations trained channels-last it follows whatever layout the kernels
@@ -242,14 +244,9 @@ def dropout_input_dims(model: nn.Module, input_shape: tuple[int, ...]) -> dict[s
         dims[names[m]] = args[0].dim()
 
     handles = [m.register_forward_pre_hook(record) for m in names]
-    was_training = model.training
-    p = next(model.parameters())
     try:
-        model.eval()
-        with torch.no_grad():
-            model(torch.zeros(2, *input_shape, dtype=p.dtype, device=p.device))
+        forward_zeros(model, input_shape)
     finally:
-        model.train(was_training)
         for h in handles:
             h.remove()
     return dims

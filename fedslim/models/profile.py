@@ -24,11 +24,10 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def count_macs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
-    """Multiply-accumulates of one forward pass on ONE sample of ``input_shape``, in eval mode.
-
-    The model's train/eval mode is restored afterwards and no gradients are recorded.
-    """
+def forward_zeros(model: nn.Module, input_shape: tuple[int, ...]) -> int:
+    """One forward pass of zero samples of ``input_shape`` in eval mode, without gradients, for what
+    hooks or counters see; running statistics and random generators are left alone and the model's
+    train/eval mode is restored. Returns the number of samples (divide per-batch counts by it)."""
     ref = next(model.parameters(), None)
     device = ref.device if ref is not None else torch.device("cpu")
     dtype = ref.dtype if ref is not None and ref.is_floating_point() else torch.float32
@@ -36,11 +35,21 @@ def count_macs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        with torch.no_grad():
             model(x)
     finally:
         model.train(was_training)
-    return counter.get_total_flops() // (2 * _PROFILE_BATCH)
+    return _PROFILE_BATCH
+
+
+def count_macs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
+    """Multiply-accumulates of one forward pass on ONE sample of ``input_shape``, in eval mode.
+
+    The model's train/eval mode is restored afterwards and no gradients are recorded.
+    """
+    with FlopCounterMode(display=False) as counter:
+        n = forward_zeros(model, input_shape)
+    return counter.get_total_flops() // (2 * n)
 
 
 def _float_state_numel(model: nn.Module) -> int:
