@@ -178,3 +178,22 @@ def test_dropout_on_image_activations_stacks_only_when_not_channels_last(
     else:
         assert vb.path(spec) == "stacked" and vb.counts["vectorized"] == len(tasks) and not said
     assert_close(serial, vec, 1e-9)
+
+
+def test_check_reports_a_device_without_per_client_random_states(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the generator cannot be swapped per client the check says so (and the backend keeps the
+    model off the stacked path) instead of failing the run."""
+    model = _zoo_model("lenet5", "none", 0.5)
+    made = stack_model(model)
+    assert not isinstance(made, str)
+
+    def refuse(self: ClientRng, device: object, seeds: list[int]) -> None:
+        raise ValueError("per-client dropout states on 'mps': only cpu and cuda are supported")
+
+    monkeypatch.setattr(ClientRng, "__init__", refuse)
+    why = check_stacked(model, *made, ZOO_SHAPE, 10)
+    assert why is not None and "only cpu and cuda" in why
+    plain = _zoo_model("lenet5", "none")  # without dropout no random states are asked for
+    made_plain = stack_model(plain)
+    assert not isinstance(made_plain, str)
+    assert check_stacked(plain, *made_plain, ZOO_SHAPE, 10) is None
