@@ -155,6 +155,15 @@ class EngineConfig(Strict):
     checkpoint_every: int = Field(1, ge=1)
     progress: bool = True
 
+    @model_validator(mode="after")
+    def _ray_settings_need_ray(self) -> EngineConfig:
+        # A cluster address with another backend would otherwise be ignored without a word.
+        for name in ("ray_address", "ray_workers"):
+            if getattr(self, name) is not None and self.backend != "ray":
+                raise ValueError(f"engine.{name} is used only by engine.backend: ray (engine.backend is "
+                                 f"{self.backend!r}); set engine.backend=ray or leave engine.{name} unset")
+        return self
+
 
 class RunConfig(Strict):
     name: str = "run"

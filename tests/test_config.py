@@ -23,6 +23,8 @@ def test_defaults_validate() -> None:
         ({"algorithm": {"name": "fedav"}}, "did you mean 'fedavg'"),
         ({"data": {"partition": {"kind": "dirichlet", "alpha": 0}}}, "data.partition.alpha"),
         ({"name": "../escape"}, "name"),
+        ({"engine": {"ray_address": "10.0.0.1:6379"}}, "engine.ray_address is used only by engine.backend: ray"),
+        ({"engine": {"backend": "serial", "ray_workers": 2}}, "engine.ray_workers is used only by"),
     ],
 )
 def test_bad_configs_are_one_line_and_name_the_field(raw: dict, expected: str) -> None:
@@ -31,6 +33,11 @@ def test_bad_configs_are_one_line_and_name_the_field(raw: dict, expected: str) -
     msg = str(ei.value)
     assert expected in msg
     assert "\n" not in msg
+
+
+def test_ray_settings_with_the_ray_backend_validate() -> None:
+    cfg = validate({"engine": {"backend": "ray", "ray_address": "auto", "ray_workers": 2}})
+    assert (cfg.engine.ray_address, cfg.engine.ray_workers) == ("auto", 2)
 
 
 def test_overrides_parse_yaml_scalars() -> None:
