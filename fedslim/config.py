@@ -156,12 +156,15 @@ class EngineConfig(Strict):
     progress: bool = True
 
     @model_validator(mode="after")
-    def _ray_settings_need_ray(self) -> EngineConfig:
-        # A cluster address with another backend would otherwise be ignored without a word.
-        for name in ("ray_address", "ray_workers"):
-            if getattr(self, name) is not None and self.backend != "ray":
-                raise ValueError(f"engine.{name} is used only by engine.backend: ray (engine.backend is "
-                                 f"{self.backend!r}); set engine.backend=ray or leave engine.{name} unset")
+    def _settings_need_their_backend(self) -> EngineConfig:
+        # A setting for another backend would otherwise be ignored without a word. (auto may pick
+        # vectorized, on CUDA, so max_group stays allowed with it.)
+        users = {"ray_address": ("ray",), "ray_workers": ("ray",), "max_group": ("vectorized", "auto")}
+        for name, backends in users.items():
+            if getattr(self, name) is not None and self.backend not in backends:
+                raise ValueError(f"engine.{name} is used only by engine.backend: {' or '.join(backends)} "
+                                 f"(engine.backend is {self.backend!r}); set engine.backend={backends[0]} or "
+                                 f"leave engine.{name} unset")
         return self
 
 

@@ -25,6 +25,8 @@ def test_defaults_validate() -> None:
         ({"name": "../escape"}, "name"),
         ({"engine": {"ray_address": "10.0.0.1:6379"}}, "engine.ray_address is used only by engine.backend: ray"),
         ({"engine": {"backend": "serial", "ray_workers": 2}}, "engine.ray_workers is used only by"),
+        ({"engine": {"backend": "process", "max_group": 4}}, "engine.max_group is used only by engine.backend: "
+                                                             "vectorized or auto"),
     ],
 )
 def test_bad_configs_are_one_line_and_name_the_field(raw: dict, expected: str) -> None:
@@ -38,6 +40,8 @@ def test_bad_configs_are_one_line_and_name_the_field(raw: dict, expected: str) -
 def test_ray_settings_with_the_ray_backend_validate() -> None:
     cfg = validate({"engine": {"backend": "ray", "ray_address": "auto", "ray_workers": 2}})
     assert (cfg.engine.ray_address, cfg.engine.ray_workers) == ("auto", 2)
+    for backend in ("vectorized", "auto"):
+        assert validate({"engine": {"backend": backend, "max_group": 4}}).engine.max_group == 4
 
 
 def test_overrides_parse_yaml_scalars() -> None:
