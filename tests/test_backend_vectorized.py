@@ -13,6 +13,7 @@ import torch
 from fedslim import plugins
 from fedslim.config import OptimizerConfig, validate
 from fedslim.data.types import DatasetBundle, TensorData
+from fedslim.engine import stacked
 from fedslim.engine.backends import SerialBackend
 from fedslim.engine.client import augment_batch
 from fedslim.engine.run import Runner
@@ -182,6 +183,26 @@ def test_dropout_models_match_serial_in_float64(float64: None, spec: ModelSpec, 
     vec = vb.run(tasks)
     assert torch.equal(torch.get_rng_state(), before)  # the global generator is left as it was found
     assert vb.counts == {"vectorized": len(tasks), "serial": 0}
+    assert_close(serial, vec, 1e-9)
+
+
+@pytest.mark.parametrize("spec", [_BN, _BN1D, _RESNET], ids=lambda s: s.name)
+def test_full_batches_take_the_unmasked_batchnorm_and_still_match_serial(float64: None, spec: ModelSpec) -> None:
+    """Clients of 32, 48 and 64 samples at batch 16: every step of several clients is full, so
+    BatchNorm runs unmasked there (the other tests mostly pad)."""
+    store = make_store(sizes=[32, 48, 64])
+    tasks = make_tasks(store, spec, LocalTrain(2, 16, adam(), 1e-3))
+    calls: list[bool] = []
+    inner = stacked.StackedBatchNorm._unmasked
+
+    def spy(self: stacked.StackedBatchNorm, x: torch.Tensor, k: int) -> torch.Tensor:
+        calls.append(k)
+        return inner(self, x, k)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(stacked.StackedBatchNorm, "_unmasked", spy)
+        serial, vec, vb = run_both(store, tasks, "stacked")
+    assert calls and max(calls) == 3
     assert_close(serial, vec, 1e-9)
 
 

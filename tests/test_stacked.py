@@ -98,6 +98,34 @@ def test_batchnorm_statistics_leave_out_weight_zero_samples() -> None:
     assert torch.allclose(a[1, :4], ref, atol=1e-5)
 
 
+@pytest.mark.parametrize("track", [True, False])
+def test_batchnorm_without_padding_takes_torch_batchnorm_and_gives_the_masked_result(track: bool) -> None:
+    """A step whose batches are all full skips the masking (``full=True``): same outputs, same
+    statistics (batch mean and unbiased variance per client), same gradients."""
+    torch.manual_seed(0)
+    model = build_model("heterofl_cnn", num_classes=4, input_shape=SHAPE, width=0.125, track_running_stats=track)
+    sm, ctx = stack_model(model)  # type: ignore[misc]
+    g = torch.Generator().manual_seed(1)
+    base = {k: v.detach().double() if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    trainable = {k for k, _ in model.named_parameters()}
+    x = torch.randn(3, 5, *SHAPE, generator=g, dtype=torch.float64)
+    w = torch.ones(3, 5, dtype=torch.float64)
+    out = {}
+    for full in (False, True):
+        params = {k: (torch.stack([v + 0.1 * i for i in range(3)]) if v.is_floating_point() else torch.stack([v] * 3))
+                  .requires_grad_(k in trainable) for k, v in base.items()}
+        logits, stats = forward_stacked(sm, ctx, params, x, w, 4, full=full)
+        grads = torch.autograd.grad(logits.square().sum(), [v for v in params.values() if v.requires_grad])
+        out[full] = (logits.detach(), stats, grads)
+    assert torch.allclose(out[True][0], out[False][0], rtol=0, atol=1e-12)
+    assert set(out[True][1]) == set(out[False][1]) and bool(out[True][1]) == track
+    for name in out[True][1]:
+        for a, b in zip(out[True][1][name], out[False][1][name], strict=True):
+            assert a.shape == b.shape and torch.allclose(a, b, rtol=0, atol=1e-12)
+    for a, b in zip(out[True][2], out[False][2], strict=True):
+        assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)
+
+
 class _ChannelCentred(nn.Module):
     """Subtracts each sample's mean over all channels: per sample, yet across the stacked clients."""
 

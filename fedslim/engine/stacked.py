@@ -54,6 +54,7 @@ class StackCtx:
     def __init__(self) -> None:
         self.params: dict[str, Tensor] = {}
         self.weight: Tensor | None = None  # (k, B) sample weights: 1 real, 0 padding
+        self.full = False  # every weight is 1: no padding in this call
         self.stats: dict[str, tuple[Tensor, Tensor]] = {}  # BN name -> (mean, unbiased var), each (k, C)
         self.channels_last = False
         self.rng: ClientRng | None = None  # per-client dropout states; needed only by StackedDropout
@@ -176,11 +177,29 @@ class StackedBatchNorm(_Stacked):
         w = self.ctx.weight
         assert w is not None
         k, n = w.shape
+        if self.ctx.full:
+            return self._unmasked(x, k)
         y, mean, var = masked_batch_norm(x.view(n, k, -1, *x.shape[2:]), w, self._p("weight"), self._p("bias"),
                                          self.eps)
         if self.track:
             self.ctx.stats[self.name] = (mean.detach(), var.detach())
         return y.reshape(x.shape)
+
+    def _unmasked(self, x: Tensor, k: int) -> Tensor:
+        # Without padding, torch's own BatchNorm over the k*C stacked channels is each client's
+        # BatchNorm (a channel never spans clients), in a fraction of the masked version's passes.
+        # With momentum 1 the "running" buffers come back holding the batch mean and unbiased
+        # variance, which the caller folds into the clients' own running statistics.
+        g, b = self._p("weight"), self._p("bias")
+        mean = var = None
+        if self.track:
+            mean = torch.zeros(x.shape[1], dtype=x.dtype, device=x.device)
+            var = torch.ones(x.shape[1], dtype=x.dtype, device=x.device)
+        y = F.batch_norm(x, mean, var, None if g is None else g.flatten(), None if b is None else b.flatten(),
+                         True, 1.0, self.eps)
+        if mean is not None and var is not None:
+            self.ctx.stats[self.name] = (mean.view(k, -1), var.view(k, -1))
+        return y
 
 
 class StackedGroupNorm(_Stacked):
@@ -297,14 +316,15 @@ def stack_input(x: Tensor, channels_last: bool) -> Tensor:
 
 
 def forward_stacked(sm: nn.Module, ctx: StackCtx, params: dict[str, Tensor], x: Tensor, weight: Tensor,
-                    num_classes: int) -> tuple[Tensor, dict[str, tuple[Tensor, Tensor]]]:
-    """Logits (k, B, classes) of k clients' models on their batches x (k, B, ...), and BN statistics."""
-    ctx.params, ctx.weight, ctx.stats = params, weight, {}
+                    num_classes: int, full: bool = False) -> tuple[Tensor, dict[str, tuple[Tensor, Tensor]]]:
+    """Logits (k, B, classes) of k clients' models on their batches x (k, B, ...), and BN statistics.
+    ``full``: the caller knows every weight is 1 (no padding), so BatchNorm can skip its masking."""
+    ctx.params, ctx.weight, ctx.stats, ctx.full = params, weight, {}, full
     try:
         out = sm(stack_input(x, ctx.channels_last))
         stats = ctx.stats
     finally:
-        ctx.params, ctx.weight, ctx.stats = {}, None, {}
+        ctx.params, ctx.weight, ctx.stats, ctx.full = {}, None, {}, False
     k, n = x.shape[:2]
     return out.view(n, k, num_classes).transpose(0, 1), stats
 

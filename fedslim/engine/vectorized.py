@@ -486,16 +486,17 @@ class VectorizedBackend:
         vmapped = vmap(grad(loss_fn, has_aux=True))
         Step = tuple[dict[str, Tensor], tuple[Tensor, dict[str, tuple[Tensor, Tensor]]]]
 
-        def vmap_step(k: int, xb: Tensor, yb: Tensor, w: Tensor, lm: Tensor) -> Step:
+        def vmap_step(k: int, xb: Tensor, yb: Tensor, w: Tensor, lm: Tensor, full: bool) -> Step:
             return vmapped({n: v[:k] for n, v in params.items()}, {n: v[:k] for n, v in fixed.items()},
                            xb, yb, w, lm)
 
-        def stacked_step(k: int, xb: Tensor, yb: Tensor, w: Tensor, lm: Tensor) -> Step:
+        def stacked_step(k: int, xb: Tensor, yb: Tensor, w: Tensor, lm: Tensor, full: bool) -> Step:
             assert plan.stacked is not None
             sm, sctx = plan.stacked
             sctx.channels_last = self.store.channels_last and image
             leaves = {n: params[n][:k].detach().requires_grad_() for n in plan.trainable}
-            logits, stats = forward_stacked(sm, sctx, {**leaves, **{n: v[:k] for n, v in fixed.items()}}, xb, w, nc)
+            logits, stats = forward_stacked(sm, sctx, {**leaves, **{n: v[:k] for n, v in fixed.items()}}, xb, w, nc,
+                                            full=full)
             logits = logits.masked_fill(~lm[:, None, :], 0.0)
             ce = F.cross_entropy(logits.reshape(-1, nc), yb.reshape(-1), reduction="none").view(k, -1)
             # Each client's mean loss; their sum has each client's own gradient in its own weights.
@@ -534,16 +535,20 @@ class VectorizedBackend:
         steps = sch.steps
         for s in range(max(steps)):
             k = sum(1 for n in steps if n > s)
+            real = sch.rows[s][:k]
             if rng is not None:
-                rng.rows = sch.rows[s][:k]
-            rows = sch.idx[s, :k]
-            xb, yb, w = x_all[rows], y_all[rows], sch.weight[s, :k]
+                rng.rows = real
+            # Padding only up to this step's largest batch; with none at all (every client's batch
+            # full, most steps), BatchNorm needs no masking.
+            b = max(real)
+            rows = sch.idx[s, :k, :b]
+            xb, yb, w = x_all[rows], y_all[rows], sch.weight[s, :k, :b]
             if sch.flip is not None:
                 flat = xb.flatten(0, 1)
-                dy = None if sch.dy is None else sch.dy[s, :k].flatten()
-                dx = None if sch.dx is None else sch.dx[s, :k].flatten()
-                xb = augment_with(flat, tr.augment, sch.flip[s, :k].flatten(), dy, dx).reshape(xb.shape)
-            g, (loss, stats) = step_fn(k, xb, yb, w, lmask[:k])
+                dy = None if sch.dy is None else sch.dy[s, :k, :b].flatten()
+                dx = None if sch.dx is None else sch.dx[s, :k, :b].flatten()
+                xb = augment_with(flat, tr.augment, sch.flip[s, :k, :b].flatten(), dy, dx).reshape(xb.shape)
+            g, (loss, stats) = step_fn(k, xb, yb, w, lmask[:k], min(real) == b)
             if tr.grad_clip is not None:
                 g = _clip(g, tr.grad_clip)
             opt.step(params, g, k)
