@@ -149,9 +149,8 @@ class EngineConfig(Strict):
     ray_address: str | None = None
     ray_workers: int | None = Field(None, ge=1)
     max_group: int | None = Field(None, ge=1, description=(
-        "vectorized: at most this many clients trained as one batched step (their stacked weights, optimizer "
-        "state and activations must fit the device's memory; a group that runs out of it is retried in "
-        "halves); default: every client of a group at once"))
+        "vectorized: at most this many clients trained as one batched step; default: as many as an estimate "
+        "says fit in 80% of the device's free memory (a group that still runs out of it is retried in halves)"))
     checkpoint_every: int = Field(1, ge=1)
     progress: bool = True
 
