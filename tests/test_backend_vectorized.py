@@ -19,7 +19,7 @@ from fedslim.engine.client import augment_batch
 from fedslim.engine.run import Runner
 from fedslim.engine.store import ClientStore
 from fedslim.engine.task import ClientResult, ClientTask, LocalTrain, ModelSpec
-from fedslim.engine.vectorized import VectorizedBackend, augment_with, client_schedule
+from fedslim.engine.vectorized import VectorizedBackend, _build_schedule, augment_with, client_schedule
 from fedslim.results import read_jsonl
 
 SHAPE = (1, 16, 16)
@@ -107,6 +107,30 @@ def test_schedules_differ_in_length_and_fold_a_single_sample() -> None:
     assert len(set(lengths)) >= 3
     sizes = [len(idx) for idx, _ in client_schedule(tasks[1], 33, True)]
     assert sizes == [16, 17]
+
+
+def test_schedule_arrays_hold_each_clients_batches_and_draws_in_place() -> None:
+    """The group's (step, client, slot) arrays, filled by scatters, against a plain loop over batches."""
+    store = make_store()
+    tasks = make_tasks(store, ModelSpec.make("lenet5", 4, SHAPE), LocalTrain(2, 16, sgd(), 0.05, augment="crop_flip"))
+    per = [client_schedule(t, store.num_samples(t.client), True) for t in tasks]
+    offsets = [0, 100, 200, 300, 400]
+    sch = _build_schedule(per, offsets, "crop_flip", "cpu")
+    S, G, B = sch.idx.shape
+    assert (max(len(p) for p in per), len(per)) == (S, G) and B == 17  # the folded 16 + 1 batch
+    for g, p in enumerate(per):
+        assert sch.steps[g] == len(p)
+        for s in range(S):
+            m = len(p[s][0]) if s < len(p) else 0
+            assert sch.rows[s][g] == m and float(sch.count[s, g]) == m
+            assert torch.equal(sch.weight[s, g], (torch.arange(B) < m).float())
+            assert (sch.idx[s, g, m:] == offsets[g]).all()  # padding reads the client's first row
+            if m:
+                b, (flip, dy, dx) = p[s]
+                assert torch.equal(sch.idx[s, g, :m], b + offsets[g])
+                assert sch.flip is not None and sch.dy is not None and sch.dx is not None
+                assert torch.equal(sch.flip[s, g, :m], flip)
+                assert torch.equal(sch.dy[s, g, :m], dy) and torch.equal(sch.dx[s, g, :m], dx)
 
 
 @pytest.mark.parametrize("opt,extra", [
