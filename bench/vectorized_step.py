@@ -7,9 +7,10 @@
 G clients (``--clients``) of LeNet-5 on MNIST-shaped data, each with ``--steps`` local Adam steps of
 ``--batch`` samples, run by the serial backend and by the vectorized backend on both of its paths
 (``stacked=False`` forces the vmap path). Reported per path: milliseconds per cohort step (one local
-step of every client; the median over ``--trials`` runs, interleaved) and torch operations dispatched
-per cohort step (counted with a TorchDispatchMode; on a GPU each is at least one kernel launch, so
-this is what bounds a small model's step there), and each vectorized path's speed-up over serial.
+step of every client; the median over ``--trials`` runs, interleaved), torch operations dispatched
+per cohort step (counted with a TorchDispatchMode) and how many of them compute (not views, not bare
+allocations): on a GPU each of those is a kernel launch, which is what bounds a small model's step
+there; and each vectorized path's speed-up over serial.
 
 On a CPU, run it twice: at the workload's size (``--batch 64``) the figures are kernel time; with
 tiny batches (``--clients 2 --batch 2``) they are mostly the host's cost of issuing a step, which is
@@ -44,13 +45,20 @@ from fedslim.engine.vectorized import VectorizedBackend  # noqa: E402
 SHAPE = (1, 28, 28)
 
 
+# Operations that only allocate or describe memory: on a GPU they launch no kernel.
+_NO_KERNEL = {"empty", "empty_like", "empty_strided", "lift_fresh", "_local_scalar_dense"}
+
+
 class _CountOps(TorchDispatchMode):
     def __init__(self) -> None:
         super().__init__()
         self.n = 0
+        self.kernels = 0  # the operations that compute (not views, not bare allocations)
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         self.n += 1
+        if not func.is_view and func.__name__.split(".")[0] not in _NO_KERNEL:
+            self.kernels += 1
         return func(*args, **(kwargs or {}))
 
 
@@ -104,12 +112,14 @@ def main() -> int:
         del backends["vmap"]  # it would run the clients serially: vmap cannot replay their masks
     assert backends["stacked"].path(tasks[0].spec) == "stacked"
     ops: dict[str, float] = {}
+    kernels: dict[str, float] = {}
     times: dict[str, list[float]] = {k: [] for k in backends}
     for name, b in backends.items():
         b.run(tasks)  # warm-up: plans, kernels, allocator
         with _CountOps() as c:
             b.run(tasks)
         ops[name] = c.n / args.steps
+        kernels[name] = c.kernels / args.steps
     for _ in range(args.trials):
         for name, b in backends.items():
             _sync(args.device)
@@ -121,11 +131,12 @@ def main() -> int:
     name = f"{args.model} (dropout {args.dropout})" if args.dropout else args.model
     print(f"{name}, {args.clients} clients x {args.steps} Adam steps of {args.batch} samples, "
           f"{args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print(f"{'path':8s} {'ms/cohort step':>15s} {'ops/cohort step':>16s} {'x serial':>9s}")
+    print(f"{'path':8s} {'ms/cohort step':>15s} {'ops/cohort step':>16s} {'of which compute':>17s} {'x serial':>9s}")
     for k in backends:
-        print(f"{k:8s} {ms[k]:15.2f} {ops[k]:16.0f} {ms['serial'] / ms[k]:9.2f}")
+        print(f"{k:8s} {ms[k]:15.2f} {ops[k]:16.0f} {kernels[k]:17.0f} {ms['serial'] / ms[k]:9.2f}")
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "ms_per_cohort_step": ms, "ops_per_cohort_step": ops,
+                                               "compute_ops_per_cohort_step": kernels,
                                                "torch": torch.__version__, "threads": torch.get_num_threads()},
                                               indent=1))
     return 0
