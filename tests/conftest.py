@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -73,3 +73,13 @@ def toy_tasks() -> tuple[object, list[object]]:
     state = spec.build().state_dict()
     tr = LocalTrain(1, 8, OptimizerConfig(name="adam", lr=1e-3), 1e-3)
     return store, [ClientTask(client=c, round=1, spec=spec, state=state, train=tr, seed=c) for c in range(6)]
+
+
+@pytest.fixture
+def float64() -> Iterator[None]:
+    """Default dtype float64 for the test: equivalence checks where only the algorithm, not float32
+    rounding, can make two computations differ."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -68,14 +67,6 @@ def assert_close(serial: list[ClientResult], vec: list[ClientResult], rtol: floa
             err = (a.delta[k].double() - b.delta[k].double()).norm() / scale
             assert err <= rtol, f"client {a.client} {k}: {err:.2e}"
         assert b.loss == pytest.approx(a.loss, rel=rtol * 10, abs=1e-12)
-
-
-@pytest.fixture
-def float64() -> Iterator[None]:
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
 
 
 def sgd(lr: float = 0.05, **kw: object) -> OptimizerConfig:

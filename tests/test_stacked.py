@@ -180,25 +180,21 @@ def _conv_dropout_model(num_classes: int, input_shape: tuple[int, ...], width: f
 
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_dropout_on_image_activations_stacks_only_when_not_channels_last(
-        monkeypatch: pytest.MonkeyPatch, channels_last: bool) -> None:
+        monkeypatch: pytest.MonkeyPatch, float64: None, channels_last: bool) -> None:
     """A mask is drawn in the memory order of its tensor. NCHW activations have one order, which the
     stacked path replays; channels-last ones have the order the preceding kernels chose, so such a
-    model trains serially there, said once, rather than with other masks than serial's."""
+    model trains serially there, said once, rather than with other masks than serial's. (In float64
+    equal masks leave only rounding; other masks differ by the update's size.)"""
     monkeypatch.setitem(MODELS._items, "test_conv_dropout", _conv_dropout_model)
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)  # equal masks leave only rounding; other masks differ by O(1)
-    try:
-        base = make_store()
-        store = ClientStore(base.bundle, base.train_parts, channels_last=channels_last)
-        spec = ModelSpec.make("test_conv_dropout", 4, SHAPE)
-        tasks = make_tasks(store, spec, LocalTrain(2, 16, adam(), 1e-3))
-        vb = VectorizedBackend(store)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            vec = vb.run(tasks)
-        serial = SerialBackend(store).run(tasks)
-    finally:
-        torch.set_default_dtype(old)
+    base = make_store()
+    store = ClientStore(base.bundle, base.train_parts, channels_last=channels_last)
+    spec = ModelSpec.make("test_conv_dropout", 4, SHAPE)
+    tasks = make_tasks(store, spec, LocalTrain(2, 16, adam(), 1e-3))
+    vb = VectorizedBackend(store)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        vec = vb.run(tasks)
+    serial = SerialBackend(store).run(tasks)
     said = [str(w.message) for w in caught if "image activations" in str(w.message)]
     if channels_last:
         assert vb.path(spec) == "serial" and vb.counts["vectorized"] == 0
