@@ -7,6 +7,7 @@ from typing import Protocol
 from torch import nn
 
 from fedslim.engine.host import memory_format
+from fedslim.engine.rewrite import pool_before_activation
 from fedslim.engine.store import ClientStore
 from fedslim.engine.task import ClientResult, ClientTask, ModelSpec
 from fedslim.registry import BACKENDS, CLIENT_PROCEDURES
@@ -30,7 +31,9 @@ class ModelBuffers:
         m = self._models.get(spec)
         if m is None:
             # memory_format applies to 4-d weights only; load_state_dict later copies into this layout.
-            m = self._models[spec] = spec.build().to(self.device, memory_format=self.memory_format)
+            m = spec.build().to(self.device, memory_format=self.memory_format)
+            pool_before_activation(m)  # exact: see fedslim.engine.rewrite
+            self._models[spec] = m
         return m
 
 
