@@ -1,7 +1,7 @@
 """One cohort's local step, three ways: serial, vectorized through vmap, vectorized as a stacked module.
 
     python bench/vectorized_step.py [--device cpu|cuda] [--clients 25] [--batch 64] [--steps 8]
-                                    [--model lenet5] [--dropout P] [--trials 3] [--threads N]
+                                    [--model lenet5] [--dropout P] [--trials 3] [--threads N] [--rewrite-ab]
                                     [--json FILE]
 
 G clients (``--clients``) of LeNet-5 on MNIST-shaped data, each with ``--steps`` local Adam steps of
@@ -15,6 +15,9 @@ there; and each vectorized path's speed-up over serial.
 On a CPU, run it twice: at the workload's size (``--batch 64``) the figures are kernel time; with
 tiny batches (``--clients 2 --batch 2``) they are mostly the host's cost of issuing a step, which is
 what a GPU step of a small model costs. On a GPU, ``--device cuda`` gives the real figure.
+
+``--rewrite-ab`` adds serial and stacked without fedslim.engine.rewrite's exact rewrites (pooling
+moved before ReLU), to measure what they save.
 
 ``--dropout P`` puts dropout (before the classifier) into the model: the stacked path then replays each
 client's masks from its own random state, and the vmap path, which cannot, is left out.
@@ -96,6 +99,8 @@ def main() -> int:
     ap.add_argument("--dropout", type=float, default=0.0, help="dropout before the classifier (default 0)")
     ap.add_argument("--trials", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
+    ap.add_argument("--rewrite-ab", action="store_true",
+                    help="also run serial and stacked without the engine's exact rewrites (fedslim.engine.rewrite)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     if args.threads:
@@ -108,6 +113,9 @@ def main() -> int:
         "vmap": VectorizedBackend(store, device=args.device, stacked=False),
         "stacked": VectorizedBackend(store, device=args.device),
     }
+    if args.rewrite_ab:
+        backends["serial-norw"] = SerialBackend(store, device=args.device, rewrite=False)
+        backends["stacked-norw"] = VectorizedBackend(store, device=args.device, rewrite=False)
     if args.dropout:
         del backends["vmap"]  # it would run the clients serially: vmap cannot replay their masks
     assert backends["stacked"].path(tasks[0].spec) == "stacked"
@@ -131,9 +139,9 @@ def main() -> int:
     name = f"{args.model} (dropout {args.dropout})" if args.dropout else args.model
     print(f"{name}, {args.clients} clients x {args.steps} Adam steps of {args.batch} samples, "
           f"{args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print(f"{'path':8s} {'ms/cohort step':>15s} {'ops/cohort step':>16s} {'of which compute':>17s} {'x serial':>9s}")
+    print(f"{'path':12s} {'ms/cohort step':>15s} {'ops/cohort step':>16s} {'of which compute':>17s} {'x serial':>9s}")
     for k in backends:
-        print(f"{k:8s} {ms[k]:15.2f} {ops[k]:16.0f} {kernels[k]:17.0f} {ms['serial'] / ms[k]:9.2f}")
+        print(f"{k:12s} {ms[k]:15.2f} {ops[k]:16.0f} {kernels[k]:17.0f} {ms['serial'] / ms[k]:9.2f}")
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "ms_per_cohort_step": ms, "ops_per_cohort_step": ops,
                                                "compute_ops_per_cohort_step": kernels,

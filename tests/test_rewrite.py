@@ -103,3 +103,17 @@ def test_serial_client_trains_the_rewritten_model_with_identical_updates():
     train_model(original, task, store.get(0, "train"))
     for k, v in original.state_dict().items():
         assert torch.equal(got.delta[k], (v - state[k]).contiguous()), k
+
+
+def test_every_backend_model_comes_rewritten_unless_switched_off():
+    from fedslim.engine.vectorized import VectorizedBackend
+
+    spec = ModelSpec.make("lenet5", 10, (1, 28, 28))
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(8, 1, 28, 28, generator=gen), torch.randint(0, 10, (8,), generator=gen)
+    store = ClientStore(DatasetBundle("synthetic", TensorData(x, y), TensorData(x, y), 10, (1, 28, 28)),
+                        [torch.arange(8)])
+    for on in (True, False):
+        for backend in (SerialBackend(store, rewrite=on), VectorizedBackend(store, rewrite=on)):
+            kinds = [type(m) for m in backend.buffers.get(spec).features]
+            assert kinds[3:5] == ([nn.MaxPool2d, nn.ReLU] if on else [nn.ReLU, nn.MaxPool2d])

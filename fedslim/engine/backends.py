@@ -20,10 +20,12 @@ class Backend(Protocol):
 
 
 class ModelBuffers:
-    """One reusable model per spec (pfl-style): tasks overwrite its weights instead of rebuilding it."""
+    """One reusable model per spec (pfl-style): tasks overwrite its weights instead of rebuilding it.
+    ``rewrite``: apply fedslim.engine.rewrite's exact rewrites (off only to measure what they save)."""
 
-    def __init__(self, device: str = "cpu", channels_last: bool = False):
+    def __init__(self, device: str = "cpu", channels_last: bool = False, rewrite: bool = True):
         self.device = device
+        self.rewrite = rewrite
         self.memory_format = memory_format(channels_last)
         self._models: dict[ModelSpec, nn.Module] = {}
 
@@ -32,7 +34,8 @@ class ModelBuffers:
         if m is None:
             # memory_format applies to 4-d weights only; load_state_dict later copies into this layout.
             m = spec.build().to(self.device, memory_format=self.memory_format)
-            pool_before_activation(m)  # exact: see fedslim.engine.rewrite
+            if self.rewrite:
+                pool_before_activation(m)
             self._models[spec] = m
         return m
 
@@ -45,9 +48,9 @@ def run_one(task: ClientTask, store: ClientStore, buffers: ModelBuffers) -> Clie
 
 @BACKENDS.register("serial", "one client after another in this process (auto: on 1 core, or engine.threads > 1)")
 class SerialBackend:
-    def __init__(self, store: ClientStore, device: str = "cpu", **_: object):
+    def __init__(self, store: ClientStore, device: str = "cpu", *, rewrite: bool = True, **_: object):
         self.store = store
-        self.buffers = ModelBuffers(device, store.channels_last)
+        self.buffers = ModelBuffers(device, store.channels_last, rewrite)
 
     def run(self, tasks: list[ClientTask]) -> list[ClientResult]:
         return [run_one(t, self.store, self.buffers) for t in tasks]

@@ -43,7 +43,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from fedslim.engine.rewrite import pool_before_activation
 from fedslim.models.profile import forward_zeros
 
 Tensor = torch.Tensor
@@ -293,8 +292,6 @@ def stack_model(model: nn.Module) -> tuple[nn.Module, StackCtx] | str:
         if _draws_masks(m) and kind is not nn.Dropout:
             return f"layer {name} ({kind.__name__}) draws masks the stacked model does not replay"
     sm = copy.deepcopy(model)
-    # Exact, and here worth most: the stacked feature maps hold every client's channels.
-    pool_before_activation(sm)
     ctx = StackCtx()
     for name, m in list(sm.named_modules()):
         stacked_cls = StackedDropout if _draws_masks(m) else _STACKED.get(type(m))

@@ -327,13 +327,13 @@ def _clip(grads: dict[str, Tensor], max_norm: float) -> dict[str, Tensor]:
 @BACKENDS.register("vectorized", "same-spec clients trained as one batched step (stacked model or vmap); for GPUs")
 class VectorizedBackend:
     def __init__(self, store: ClientStore, device: str = "cpu", cfg: Any = None, *, max_group: int | None = None,
-                 stacked: bool = True, **_: object):
+                 stacked: bool = True, rewrite: bool = True, **_: object):
         self.store = store
         self.device = device
         eng = getattr(cfg, "engine", None)
         self.max_group = max_group if max_group is not None else getattr(eng, "max_group", None)
         self.use_stacked = stacked  # False: always the vmap step (for tests and comparisons)
-        self.serial = SerialBackend(store, device=device)
+        self.serial = SerialBackend(store, device=device, rewrite=rewrite)
         self.buffers: ModelBuffers = self.serial.buffers
         self._plans: dict[ModelSpec, _Plan | str] = {}
         self._said: set[str] = set()
