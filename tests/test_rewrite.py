@@ -50,17 +50,19 @@ def test_pair_with_ties_matches_bit_for_bit(act):
     _assert_same(ref, swapped, x)
 
 
-@pytest.mark.parametrize("name", ["lenet5", "twocnn", "heterofl_cnn", "alexnet"])
+@pytest.mark.parametrize("name", ["lenet5", "twocnn", "heterofl_cnn", "alexnet", "vgg16", "convbn9"])
 def test_zoo_models_match_bit_for_bit(name):
+    # Every zoo model with an activation-then-max-pool pair (the others have none to move).
     torch.manual_seed(0)
-    kw = {"width": 0.25} if name in ("heterofl_cnn", "alexnet") else {}
-    model = build_model(name, num_classes=10, input_shape=(1, 28, 28), **kw)
+    kw = {"width": 0.25} if name in ("heterofl_cnn", "alexnet", "vgg16", "convbn9") else {}
+    shape = (3, 32, 32) if name in ("vgg16", "convbn9") else (1, 28, 28)
+    model = build_model(name, num_classes=10, input_shape=shape, **kw)
     swapped = copy.deepcopy(model)
     moved = pool_before_activation(swapped)
     assert len(moved) >= 2
     assert list(swapped.state_dict()) == list(model.state_dict())
     # A constant border (MNIST's normalized background) makes the convolutions' outputs tie there.
-    x = torch.randn(6, 1, 28, 28, generator=torch.Generator().manual_seed(2))
+    x = torch.randn(6, *shape, generator=torch.Generator().manual_seed(2))
     x[:, :, :6] = -0.4242
     _assert_same(model, swapped, x)
 
