@@ -155,19 +155,24 @@ def test_layers_with_unknown_weights_are_refused_by_name(layer: nn.Module) -> No
     assert isinstance(why, str) and "layer 1" in why and type(layer).__name__ in why
 
 
+def _run_warned(vb: VectorizedBackend, tasks: list, times: int = 1) -> tuple[list, list[str]]:
+    """The first run's results, and every warning the runs gave."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        results = [vb.run(tasks) for _ in range(times)]
+    return results[0], [str(w.message) for w in caught]
+
+
 def test_backend_falls_back_to_vmap_once_and_still_matches_serial(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(MODELS._items, "test_mixing", _mixing_model)
     store = make_store()
     spec = ModelSpec.make("test_mixing", 4, SHAPE)
     tasks = make_tasks(store, spec, LocalTrain(1, 16, adam(), 1e-3))
     vb = VectorizedBackend(store)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        vec = vb.run(tasks)
-        vb.run(tasks)
+    vec, caught = _run_warned(vb, tasks, times=2)
     assert vb.path(spec) == "vmap"
-    said = [w for w in caught if "trains through vmap" in str(w.message)]
-    assert len(said) == 1 and "differs" in str(said[0].message)
+    said = [m for m in caught if "trains through vmap" in m]
+    assert len(said) == 1 and "differs" in said[0]
     assert vb.counts["vectorized"] == 2 * len(tasks)
     assert_close(SerialBackend(store).run(tasks), vec, 1e-5)
 
@@ -191,11 +196,9 @@ def test_dropout_on_image_activations_stacks_only_when_not_channels_last(
     spec = ModelSpec.make("test_conv_dropout", 4, SHAPE)
     tasks = make_tasks(store, spec, LocalTrain(2, 16, adam(), 1e-3))
     vb = VectorizedBackend(store)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        vec = vb.run(tasks)
+    vec, caught = _run_warned(vb, tasks)
     serial = SerialBackend(store).run(tasks)
-    said = [str(w.message) for w in caught if "image activations" in str(w.message)]
+    said = [m for m in caught if "image activations" in m]
     if channels_last:
         assert vb.path(spec) == "serial" and vb.counts["vectorized"] == 0
         assert len(said) == 1 and "engine.memory_format=contiguous" in said[0]
