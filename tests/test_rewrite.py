@@ -1,4 +1,5 @@
-"""fedslim.engine.rewrite: pooling moved before the activation gives the same numbers, bit for bit."""
+"""fedslim.engine.rewrite: pooling moved before the activation gives the same numbers, bit for bit;
+narrow channels padded with zeros give the same numbers up to float32 rounding."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from fedslim.config import OptimizerConfig
 from fedslim.data.types import DatasetBundle, TensorData
 from fedslim.engine.backends import ModelBuffers, SerialBackend
 from fedslim.engine.client import train_model
-from fedslim.engine.rewrite import pool_before_activation
+from fedslim.engine.rewrite import ChannelPaddedConv2d, pad_narrow_channels, pool_before_activation
 from fedslim.engine.store import ClientStore
 from fedslim.engine.task import ClientTask, LocalTrain, ModelSpec
 from fedslim.models import build_model
@@ -119,3 +120,94 @@ def test_every_backend_model_comes_rewritten_unless_switched_off():
         for backend in (SerialBackend(store, rewrite=on), VectorizedBackend(store, rewrite=on)):
             kinds = [type(m) for m in backend.buffers.get(spec).features]
             assert kinds[3:5] == ([nn.MaxPool2d, nn.ReLU] if on else [nn.ReLU, nn.MaxPool2d])
+
+
+def _padded_pairs(model: nn.Module) -> dict[str, tuple[int, int]]:
+    return {n: (m.pad_out, m.pad_in) for n, m in model.named_modules() if isinstance(m, ChannelPaddedConv2d)}
+
+
+def _outputs_and_grads(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    model.zero_grad(set_to_none=True)
+    out = model(x)
+    out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(1)))
+    return [out.detach(), *(p.grad for p in model.parameters())]
+
+
+@pytest.mark.parametrize(("width", "pad"), [(1.0, 2), (0.5, 5)])
+def test_narrow_lenet_channels_padded_give_the_same_numbers(width, pad):
+    torch.manual_seed(0)
+    model = build_model("lenet5", num_classes=10, input_shape=(1, 28, 28), width=width)
+    model = model.to(memory_format=torch.channels_last)
+    padded = copy.deepcopy(model)
+    pool_before_activation(padded)
+    assert pad_narrow_channels(padded) == ["features.0"]
+    assert _padded_pairs(padded) == {"features.0": (pad, 0), "features.5": (0, pad)}
+    # Parameters keep their names and shapes: state dicts and optimizer state are those of the model.
+    assert {k: v.shape for k, v in padded.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
+    x = torch.randn(16, 1, 28, 28, generator=torch.Generator().manual_seed(2)).contiguous(
+        memory_format=torch.channels_last)
+    x[:, :, :6] = -0.4242
+    # The padded channels reach the second convolution and are zero there.
+    seen: list[torch.Tensor] = []
+    padded.features[5].register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach()))
+    for a, b in zip(_outputs_and_grads(model, x), _outputs_and_grads(padded, x), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    c = model.features[0].out_channels
+    assert seen[0].shape[1] == c + pad and not seen[0][:, c:].any()
+
+
+def test_padding_stops_at_layers_that_would_see_or_change_the_padded_channels():
+    def chain(*between: nn.Module, first: int = 6, second_in: int = 6, groups: int = 1) -> nn.Sequential:
+        return nn.Sequential(nn.Conv2d(3, first, 3), *between, nn.Conv2d(second_in, 8, 3, groups=groups))
+
+    ok = chain(nn.ReLU(), nn.MaxPool2d(2), nn.Identity(), nn.ReLU6())
+    assert pad_narrow_channels(ok) == ["0"] and _padded_pairs(ok) == {"0": (2, 0), "5": (0, 2)}
+    for seq in (chain(nn.BatchNorm2d(6)), chain(nn.Dropout(0.1)), chain(nn.LeakyReLU(0.1)),
+                chain(nn.MaxPool2d(2, return_indices=True)), chain(first=8, second_in=8),
+                chain(first=6, second_in=6, groups=2), chain(nn.AvgPool2d(2))):
+        assert pad_narrow_channels(seq) == [], seq
+        assert all(type(m) is not ChannelPaddedConv2d for m in seq)
+    # A padded layer still trains its own parameters: the padding is made in the forward.
+    torch.manual_seed(0)
+    ref = chain(nn.ReLU())
+    new = copy.deepcopy(ref)
+    pad_narrow_channels(new, channels_last=False)
+    x = torch.randn(2, 3, 9, 9)
+    for a, b in zip(_outputs_and_grads(ref, x), _outputs_and_grads(new, x), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+
+def test_only_channels_last_cpu_buffers_outside_the_vectorized_backend_are_padded():
+    from fedslim.engine.vectorized import VectorizedBackend
+
+    spec = ModelSpec.make("lenet5", 10, (1, 28, 28))
+    assert _padded_pairs(ModelBuffers("cpu", channels_last=True).get(spec)) == {"features.0": (2, 0),
+                                                                                "features.5": (0, 2)}
+    assert _padded_pairs(ModelBuffers("cpu", channels_last=False).get(spec)) == {}
+    assert _padded_pairs(ModelBuffers("cpu", channels_last=True, rewrite=False).get(spec)) == {}
+    assert _padded_pairs(ModelBuffers("cpu", channels_last=True, pad_channels=False).get(spec)) == {}
+    assert ModelBuffers("cuda", channels_last=True).pad_channels is False
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(8, 1, 28, 28, generator=gen), torch.randint(0, 10, (8,), generator=gen)
+    store = ClientStore(DatasetBundle("synthetic", TensorData(x, y), TensorData(x, y), 10, (1, 28, 28)),
+                        [torch.arange(8)], channels_last=True)
+    assert _padded_pairs(SerialBackend(store).buffers.get(spec)) != {}
+    assert _padded_pairs(VectorizedBackend(store).buffers.get(spec)) == {}
+
+
+def test_serial_update_with_padded_channels_matches_the_unpadded_one():
+    spec = ModelSpec.make("lenet5", 10, (1, 28, 28))
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(96, 1, 28, 28, generator=gen), torch.randint(0, 10, (96,), generator=gen)
+    x[:, :, :5] = -0.4242
+    bundle = DatasetBundle("synthetic", TensorData(x, y), TensorData(x[:8], y[:8]), 10, (1, 28, 28))
+    store = ClientStore(bundle, [torch.arange(96)], channels_last=True)
+    torch.manual_seed(0)
+    state = {k: v.detach().clone() for k, v in spec.build().state_dict().items()}
+    train = LocalTrain(2, 32, OptimizerConfig(name="adam", lr=1e-3), 1e-3)
+    task = ClientTask(client=0, round=0, spec=spec, state=state, train=train, seed=3)
+    padded, plain = (SerialBackend(store, pad_channels=on).run([task])[0] for on in (True, False))
+    assert set(padded.delta) == set(plain.delta)
+    for k in plain.delta:
+        torch.testing.assert_close(padded.delta[k], plain.delta[k], rtol=1e-4, atol=1e-6)
+    assert any(padded.delta[k].abs().max() > 1e-4 for k in plain.delta)  # it did train

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Protocol
 
+import torch
 from torch import nn
 
 from fedslim.engine.host import memory_format
-from fedslim.engine.rewrite import pool_before_activation
+from fedslim.engine.rewrite import pad_narrow_channels, pool_before_activation
 from fedslim.engine.store import ClientStore
 from fedslim.engine.task import ClientResult, ClientTask, ModelSpec
 from fedslim.registry import BACKENDS, CLIENT_PROCEDURES
@@ -21,11 +22,15 @@ class Backend(Protocol):
 
 class ModelBuffers:
     """One reusable model per spec (pfl-style): tasks overwrite its weights instead of rebuilding it.
-    ``rewrite``: apply fedslim.engine.rewrite's exact rewrites (off only to measure what they save)."""
+    ``rewrite``: apply fedslim.engine.rewrite's rewrites (off only to measure what they save);
+    ``pad_channels``: among them, pad narrow channels (channels-last on the CPU only, where it pays;
+    off where the model is restacked: the stacked model knows plain layers only)."""
 
-    def __init__(self, device: str = "cpu", channels_last: bool = False, rewrite: bool = True):
+    def __init__(self, device: str = "cpu", channels_last: bool = False, rewrite: bool = True,
+                 pad_channels: bool = True):
         self.device = device
         self.rewrite = rewrite
+        self.pad_channels = pad_channels and channels_last and torch.device(device).type == "cpu"
         self.memory_format = memory_format(channels_last)
         self._models: dict[ModelSpec, nn.Module] = {}
 
@@ -36,6 +41,8 @@ class ModelBuffers:
             m = spec.build().to(self.device, memory_format=self.memory_format)
             if self.rewrite:
                 pool_before_activation(m)
+                if self.pad_channels:
+                    pad_narrow_channels(m)
             self._models[spec] = m
         return m
 
@@ -48,9 +55,10 @@ def run_one(task: ClientTask, store: ClientStore, buffers: ModelBuffers) -> Clie
 
 @BACKENDS.register("serial", "one client after another in this process (auto: on 1 core, or engine.threads > 1)")
 class SerialBackend:
-    def __init__(self, store: ClientStore, device: str = "cpu", *, rewrite: bool = True, **_: object):
+    def __init__(self, store: ClientStore, device: str = "cpu", *, rewrite: bool = True, pad_channels: bool = True,
+                 **_: object):
         self.store = store
-        self.buffers = ModelBuffers(device, store.channels_last, rewrite)
+        self.buffers = ModelBuffers(device, store.channels_last, rewrite, pad_channels)
 
     def run(self, tasks: list[ClientTask]) -> list[ClientResult]:
         return [run_one(t, self.store, self.buffers) for t in tasks]

@@ -333,7 +333,9 @@ class VectorizedBackend:
         eng = getattr(cfg, "engine", None)
         self.max_group = max_group if max_group is not None else getattr(eng, "max_group", None)
         self.use_stacked = stacked  # False: always the vmap step (for tests and comparisons)
-        self.serial = SerialBackend(store, device=device, rewrite=rewrite)
+        # No channel padding: the stacked model is built from this buffer and knows plain layers only
+        # (and its stacked channels are wide).
+        self.serial = SerialBackend(store, device=device, rewrite=rewrite, pad_channels=False)
         self.buffers: ModelBuffers = self.serial.buffers
         self._plans: dict[ModelSpec, _Plan | str] = {}
         self._said: set[str] = set()
