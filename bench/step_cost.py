@@ -1,14 +1,17 @@
 """What fedslim's host settings (fedslim.engine.host) do to one client training step on one core.
 
-    python bench/step_cost.py [--model lenet5] [--trials 7] [--steps 60] [--procs N] [--json FILE]
+    python bench/step_cost.py [--model lenet5] [--width 1] [--pad-to 8] [--trials 7] [--steps 60] [--procs N]
+                              [--json FILE]
 
 LeNet-5 on MNIST-shaped batches of 64 with Adam, one torch thread. Variants: the plain loop (NCHW,
 torch's default Adam, glibc's allocator defaults), then channels-last, fused Adam, both, and all
-three with the allocator settings. The allocator settings cannot be undone inside a process, so the
-variants with and without them run in two child processes, one after the other; inside each, the
-variants' trials are interleaved so that a machine that slows down slows all of them. Reported: the
-median ms per step over the trials, page faults per step, and each variant's speed-up over the plain
-loop.
+three with the allocator settings; then fedslim.engine.rewrite's rewrites on top of those settings
+(``pool first``: max-pooling moved before ReLU; ``padded``: narrow channels padded to eight), in
+channels-last and, for the padding, in NCHW too (where the engine does not pad). The allocator
+settings cannot be undone inside a process, so the variants with and without them run in two child
+processes, one after the other; inside each, the variants' trials are interleaved so that a machine
+that slows down slows all of them. Reported: the median ms per step over the trials, page faults per
+step, each variant's speed-up over the plain loop, and each padded variant's over the same without.
 
 ``--procs 2`` runs two such children at once (and reports their mean): what a step costs when two
 single-thread workers share the machine, as fedslim's ``process`` backend and Flower's two Ray
@@ -27,14 +30,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-VARIANTS = {False: ["plain", "channels_last", "fused", "channels_last+fused"], True: ["all (+ allocator)"]}
+VARIANTS = {False: ["plain", "channels_last", "fused", "channels_last+fused"],
+            True: ["all (+ allocator)", "all + pool first", "all + pool first + padded",
+                   "fused (+ allocator) + pool first", "fused (+ allocator) + pool first + padded"]}
 
 
-def measure(malloc: bool, model: str, trials: int, steps: int) -> dict[str, dict[str, float]]:
+def measure(malloc: bool, model: str, width: float, pad_to: int, trials: int,
+            steps: int) -> dict[str, dict[str, float]]:
     import torch
     import torch.nn.functional as F
 
     from fedslim.engine.host import tune_malloc
+    from fedslim.engine.rewrite import pad_narrow_channels, pool_before_activation
     from fedslim.models import build_model
 
     torch.set_num_threads(1)
@@ -45,10 +52,14 @@ def measure(malloc: bool, model: str, trials: int, steps: int) -> dict[str, dict
 
     def make(variant: str) -> Any:
         torch.manual_seed(0)
-        m = build_model(model, num_classes=10, input_shape=(1, 28, 28))
+        m = build_model(model, num_classes=10, input_shape=(1, 28, 28), width=width)
         cl = "channels_last" in variant or variant.startswith("all")
         if cl:
             m = m.to(memory_format=torch.channels_last)
+        if "pool first" in variant:
+            pool_before_activation(m)
+        if "padded" in variant and not pad_narrow_channels(m, pad_to, channels_last=cl):
+            raise SystemExit(f"step_cost: {model} at width {width} has no channels below {pad_to} to pad")
         fused = "fused" in variant or variant.startswith("all")
         opt = torch.optim.Adam(m.parameters(), lr=1e-3, fused=True if fused else None)
         gen = torch.Generator().manual_seed(1)
@@ -83,6 +94,9 @@ def measure(malloc: bool, model: str, trials: int, steps: int) -> dict[str, dict
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="lenet5")
+    ap.add_argument("--width", type=float, default=1.0, help="model width (default 1)")
+    ap.add_argument("--pad-to", type=int, default=8,
+                    help="padded variants: channels padded to this many (default 8, as the engine; more: wider layers)")
     ap.add_argument("--trials", type=int, default=7)
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--procs", type=int, default=1, help="children measuring at once (default 1)")
@@ -90,15 +104,15 @@ def main() -> int:
     ap.add_argument("--child", choices=["plain", "tuned"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        res = measure(args.child == "tuned", args.model, args.trials, args.steps)
+        res = measure(args.child == "tuned", args.model, args.width, args.pad_to, args.trials, args.steps)
         print("RESULT " + json.dumps(res), flush=True)
         return 0
     if args.procs < 1:
         ap.error(f"--procs: must be at least 1 (got {args.procs})")
     results: dict[str, dict[str, float]] = {}
     for child in ("plain", "tuned"):
-        cmd = [sys.executable, __file__, "--child", child, "--model", args.model, "--trials", str(args.trials),
-               "--steps", str(args.steps)]
+        cmd = [sys.executable, __file__, "--child", child, "--model", args.model, "--width", str(args.width),
+               "--pad-to", str(args.pad_to), "--trials", str(args.trials), "--steps", str(args.steps)]
         procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) for _ in range(args.procs)]
         runs = []
         for pr in procs:
@@ -110,13 +124,17 @@ def main() -> int:
             results[v] = {k: statistics.fmean(r[v][k] for r in runs) for k in runs[0][v]}
     base = results["plain"]["ms_per_step"]
     at_once = f"; {args.procs} processes at once, their mean" if args.procs > 1 else ""
-    print(f"{args.model}, batch 64, Adam, 1 thread; median of {args.trials} interleaved trials of {args.steps} steps"
-          f"{at_once}")
-    print(f"{'variant':<22} {'ms/step':>8} {'spread':>7} {'faults/step':>11} {'speed-up':>8}")
+    print(f"{args.model} (width {args.width:g}), batch 64, Adam, 1 thread; median of {args.trials} interleaved "
+          f"trials of {args.steps} steps{at_once}")
+    print(f"{'variant':<41} {'ms/step':>8} {'spread':>7} {'faults/step':>11} {'speed-up':>8}")
     for v, r in results.items():
         r["speedup"] = base / r["ms_per_step"]
-        print(f"{v:<22} {r['ms_per_step']:8.2f} {r['spread'] * 100:6.0f}% {r['faults_per_step']:11.0f} "
+        print(f"{v:<41} {r['ms_per_step']:8.2f} {r['spread'] * 100:6.0f}% {r['faults_per_step']:11.0f} "
               f"{r['speedup']:7.2f}x")
+    for v in results:
+        if v.endswith(" + padded"):
+            without = v.removesuffix(" + padded")
+            print(f"{v}: {results[without]['ms_per_step'] / results[v]['ms_per_step']:.3f}x {without}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     return 0
