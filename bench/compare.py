@@ -6,8 +6,11 @@ Each contender runs in its own process (bench/contender.py) on the same workload
 the memory of that process and all of its descendants (Ray's raylet, object store and workers
 included) and prints one table. Memory is the peak of the summed PSS (proportional set size: a page
 shared by k processes counts 1/k in each), so Ray's shared object store is not counted once per
-worker. The machine should be otherwise idle: contenders run one after another, and a busy machine
-slows them unevenly.
+worker. Reading a process's PSS walks its page tables (about 9 ms for one torch process here), and the
+sampler's thread competes with contenders that keep every core busy, more with those that have more
+processes (Ray's): ``--sample-every`` (seconds, default 1) sets the interval, and ``sampler_cpu_s`` in
+the JSON is the CPU time the sampling took per contender run (see bench/README.md). The machine should
+be otherwise idle: contenders run one after another, and a busy machine slows them unevenly.
 """
 
 from __future__ import annotations
@@ -85,7 +88,7 @@ def tree_pss_mb(root: int) -> float:
 
 
 def run_contender(name: str, workload: str, data_dir: str, rounds: int | None,
-                  device: str = "cpu") -> dict[str, Any]:
+                  device: str = "cpu", sample_every: float = 1.0) -> dict[str, Any]:
     cmd = [sys.executable, str(HERE / "contender.py"), name, workload, "--data-dir", data_dir, "--device", device]
     if rounds:
         cmd += ["--rounds", str(rounds)]
@@ -95,12 +98,14 @@ def run_contender(name: str, workload: str, data_dir: str, rounds: int | None,
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                             start_new_session=True)
     peak = [0.0]
+    sampler_cpu = [0.0]
     stop = threading.Event()
 
     def sample() -> None:
         while not stop.is_set():
             peak[0] = max(peak[0], tree_pss_mb(proc.pid))
-            stop.wait(0.25)
+            sampler_cpu[0] = time.thread_time()
+            stop.wait(sample_every)
 
     th = threading.Thread(target=sample, daemon=True)
     th.start()
@@ -117,9 +122,9 @@ def run_contender(name: str, workload: str, data_dir: str, rounds: int | None,
     if proc.returncode != 0 or not lines:
         tail = " | ".join(ln for ln in out.strip().splitlines()[-3:])
         return {"contender": name, "workload": workload, "error": f"exit {proc.returncode}: {tail[-300:]}",
-                "wall_s": wall, "peak_mb": peak[0]}
+                "wall_s": wall, "peak_mb": peak[0], "sampler_cpu_s": round(sampler_cpu[0], 3)}
     res = json.loads(lines[-1][len("RESULT "):])
-    res.update({"wall_s": wall, "peak_mb": peak[0]})
+    res.update({"wall_s": wall, "peak_mb": peak[0], "sampler_cpu_s": round(sampler_cpu[0], 3)})
     return res
 
 
@@ -228,8 +233,12 @@ def main() -> int:
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                     help="where the floor and fedslim's contenders train; on cuda the peers and the process backend "
                          "are listed as not run (CPU only)")
+    ap.add_argument("--sample-every", type=float, default=1.0,
+                    help="seconds between memory samples of a contender's process tree (default 1)")
     ap.add_argument("--json", help="also write every figure to this file")
     args = ap.parse_args()
+    if not args.sample_every > 0:
+        ap.error(f"--sample-every: must be a positive number of seconds (got {args.sample_every})")
     import torch
 
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -246,7 +255,7 @@ def main() -> int:
                     if rep == 0:
                         runs.append({"contender": c, "workload": wl, "not_run": why})
                     continue
-                r = run_contender(c, wl, args.data_dir, args.rounds, args.device)
+                r = run_contender(c, wl, args.data_dir, args.rounds, args.device, args.sample_every)
                 if "error" in r:
                     msg = r["error"]
                 else:

@@ -58,3 +58,13 @@ def test_accuracy_check_falls_back_to_the_process_backend_and_flower_defaults_ha
     assert "lenet: round-1 accuracy flower-defaults 80.00 vs fedslim-process 90.00 (diff 10.00 points)" in lines
     assert not any("accuracy fedslim-process" in g for g in lines)  # the reference is not compared to itself
     assert any(g.startswith("lenet: fedslim-process") and "3.00x as fast as flower-defaults" in g for g in lines)
+
+
+def test_memory_sampling_interval_must_be_positive() -> None:
+    import subprocess
+
+    script = Path(compare.__file__)
+    out = subprocess.run([sys.executable, str(script), "--sample-every", "0"], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 2
+    assert "--sample-every: must be a positive number of seconds (got 0.0)" in out.stderr
