@@ -34,7 +34,8 @@ eight with constant zeros (zero rows of the first convolution's weight and bias,
 second's) makes a one-core LeNet-5 Adam step (batch 64, channels-last, fused Adam, pooling moved)
 1.125x faster (6 -> 8 channels; 1.113x with two such processes at once, 1.098x for 3 -> 8 at width
 0.5). Wider layers lose (12 -> 16 at width 2: 0.962x), and so does NCHW (0.950x), so only channel
-counts below eight are padded, only in channels-last models on the CPU. Figures from
+counts below eight are padded, only in channels-last models on the CPU, and not in the vectorized
+backend's model (its stacked copy holds every client's channels and knows plain layers only). Figures from
 ``bench/step_cost.py [--width W] [--pad-to N] [--procs 2]``, as printed in bench/README.md.
 
 The padding is a constant made in each forward (``F.pad`` of the real weight), so the parameters, their
