@@ -146,6 +146,10 @@ class EngineConfig(Strict):
         "auto", description="layout of image models and batches; auto: channels_last on CPU, contiguous on CUDA")
     tune_malloc: bool = Field(True, description="keep freed heap memory in the process (glibc) instead of "
                               "returning it each step; fewer page faults, up to 128 MiB more memory per process")
+    dispatch: Literal["longest_first", "in_order"] = Field(
+        "longest_first", description="order in which process and ray workers take a cohort's tasks: "
+        "longest_first (estimated from steps and model MACs) ends rounds sooner when clients differ in size "
+        "or model; results are the same either way")
     ray_address: str | None = None
     ray_workers: int | None = Field(None, ge=1)
     max_group: int | None = Field(None, ge=1, description=(

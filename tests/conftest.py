@@ -76,6 +76,27 @@ def toy_tasks() -> tuple[object, list[object]]:
 
 
 @pytest.fixture
+def uneven_tasks() -> tuple[object, list[object]]:
+    """Six clients of 16, 64, 8, 40, 24 and 56 synthetic 1x8x8 samples, one Adam train task each (MLP):
+    longest first, they go out as clients 1, 5, 3, 4, 0, 2."""
+    from fedslim.config import OptimizerConfig
+    from fedslim.data.types import DatasetBundle, TensorData
+    from fedslim.engine.store import ClientStore
+    from fedslim.engine.task import ClientTask, LocalTrain, ModelSpec
+
+    sizes = [16, 64, 8, 40, 24, 56]
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(sum(sizes), 1, 8, 8, generator=g), torch.randint(0, 3, (sum(sizes),), generator=g)
+    store = ClientStore(DatasetBundle("uneven", TensorData(x, y), TensorData(x[:4], y[:4]), 3, (1, 8, 8)),
+                        list(torch.arange(sum(sizes)).split(sizes)))
+    spec = ModelSpec.make("mlp", 3, (1, 8, 8))
+    torch.manual_seed(0)
+    state = spec.build().state_dict()
+    tr = LocalTrain(1, 8, OptimizerConfig(name="adam", lr=1e-3), 1e-3)
+    return store, [ClientTask(client=c, round=1, spec=spec, state=state, train=tr, seed=c) for c in range(6)]
+
+
+@pytest.fixture
 def float64() -> Iterator[None]:
     """Default dtype float64 for the test: equivalence checks where only the algorithm, not float32
     rounding, can make two computations differ."""

@@ -141,6 +141,22 @@ def test_backend_retries_on_a_fresh_worker_and_leaves_no_process(toy: tuple[Clie
     assert backend.num_workers == 0 and not mp.active_children() and _gone(before + after)
 
 
+@pytest.mark.parametrize(("dispatch", "order"), [("longest_first", [1, 5, 3, 4, 0, 2]),
+                                                  ("in_order", [0, 1, 2, 3, 4, 5])])
+def test_longest_tasks_go_out_first_and_results_stay_in_task_order(
+        uneven_tasks: tuple[ClientStore, list[ClientTask]], dispatch: str, order: list[int]) -> None:
+    store, tasks = uneven_tasks
+    expected = SerialBackend(store).run(tasks)
+    backend = ProcessBackend(store, cfg=SimpleNamespace(engine=SimpleNamespace(threads=1, dispatch=dispatch)),
+                             workers=2)
+    try:
+        got = backend.run(tasks)
+    finally:
+        backend.close()
+    assert backend.last_dispatch == order
+    _same(expected, got)
+
+
 def _always_crash(task: ClientTask, data: TensorData, model: nn.Module) -> ClientResult:
     os._exit(3)
 

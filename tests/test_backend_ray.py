@@ -91,6 +91,23 @@ def test_backend_retries_on_a_fresh_worker(ray_cluster: object, tmp_path: Path,
         assert all(torch.equal(a.delta[k], b.delta[k]) for k in a.delta)
 
 
+@pytest.mark.ray
+def test_longest_tasks_go_out_first_and_results_stay_in_task_order(
+        ray_cluster: object, uneven_tasks: tuple[Any, list[ClientTask]]) -> None:
+    store, tasks = uneven_tasks
+    expected = SerialBackend(store).run(tasks)
+    backend = RayBackend(store, workers=2)
+    try:
+        got = backend.run(tasks)
+    finally:
+        backend.close()
+    assert backend.last_dispatch == [1, 5, 3, 4, 0, 2]
+    assert [r.client for r in got] == list(range(6))
+    for a, b in zip(expected, got, strict=True):
+        assert a.loss == b.loss and a.num_steps == b.num_steps
+        assert all(torch.equal(a.delta[k], b.delta[k]) for k in a.delta)
+
+
 def test_missing_ray_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "ray", None)
     with pytest.raises(ImportError, match=r"pip install 'fedslim\[ray\]'"):

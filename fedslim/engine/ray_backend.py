@@ -30,8 +30,9 @@ import numpy as np
 import torch
 
 from fedslim.data.types import DatasetBundle, TensorData
+from fedslim.engine.schedule import dispatch_order
 from fedslim.engine.store import ClientStore
-from fedslim.engine.task import ClientResult, ClientTask
+from fedslim.engine.task import ClientResult, ClientTask, ModelSpec
 from fedslim.registry import BACKENDS, CLIENT_PROCEDURES
 
 log = logging.getLogger(__name__)
@@ -124,6 +125,10 @@ class RayBackend:
         self.malloc = bool(getattr(eng, "tune_malloc", False))
         self.device = device
         self.max_retries = max_retries
+        self.store = store
+        self.dispatch = getattr(eng, "dispatch", "longest_first")
+        self._macs: dict[ModelSpec, float] = {}  # MACs per sample of each spec, for dispatch_order
+        self.last_dispatch: list[int] = []  # positions of the last cohort's tasks in the order they were sent
         self.retries = 0  # tasks re-sent after a worker died (for reports and tests)
         self._owns_ray = False
         if not ray.is_initialized():
@@ -167,7 +172,8 @@ class RayBackend:
             if id(t.state) not in refs:
                 refs[id(t.state)] = ray.put(t.state)
         procs = {t.kind: CLIENT_PROCEDURES.get(t.kind) for t in tasks}
-        pending = deque(range(len(tasks)))
+        pending = deque(dispatch_order(tasks, self.store, self.dispatch, self._macs))
+        self.last_dispatch = []
         attempts = [0] * len(tasks)
         results: dict[int, ClientResult] = {}
         running: dict[Any, tuple[int, int, Any]] = {}  # future -> (task key, worker slot, actor)
@@ -179,6 +185,7 @@ class RayBackend:
                 t = tasks[k]
                 actor = self._workers[slot]
                 fut = actor.run.remote(k, _shippable(t), refs[id(t.state)], procs[t.kind])
+                self.last_dispatch.append(k)
                 running[fut] = (k, slot, actor)
                 load[slot] += 1
 

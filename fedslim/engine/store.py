@@ -29,7 +29,9 @@ class ClientStore:
     def num_clients(self) -> int:
         return len(self.train_parts)
 
-    def num_samples(self, client: int) -> int:
+    def num_samples(self, client: int, split: str = "train") -> int:
+        if split == "test" and self.test_parts is not None:
+            return int(len(self.test_parts[client]))
         return int(len(self.train_parts[client]))
 
     def get(self, client: int, split: str = "train") -> TensorData:
