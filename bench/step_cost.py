@@ -1,7 +1,7 @@
 """What fedslim's host settings (fedslim.engine.host) do to one client training step on one core.
 
     python bench/step_cost.py [--model lenet5] [--width 1] [--pad-to 8] [--trials 7] [--steps 60] [--procs N]
-                              [--json FILE]
+                              [--compile] [--json FILE]
 
 LeNet-5 on MNIST-shaped batches of 64 with Adam, one torch thread. Variants: the plain loop (NCHW,
 torch's default Adam, glibc's allocator defaults), then channels-last, fused Adam, both, and all
@@ -12,6 +12,10 @@ settings cannot be undone inside a process, so the variants with and without the
 processes, one after the other; inside each, the variants' trials are interleaved so that a machine
 that slows down slows all of them. Reported: the median ms per step over the trials, page faults per
 step, each variant's speed-up over the plain loop, and each padded variant's over the same without.
+
+``--compile`` adds the tuned variants with and without padding run through ``torch.compile``
+(inductor's default mode; its one-time compilation is in the warm-up, not in the trials), to see
+whether the compiler beats the eager step (the engine does not compile).
 
 ``--procs 2`` runs two such children at once (and reports their mean): what a step costs when two
 single-thread workers share the machine, as fedslim's ``process`` backend and Flower's two Ray
@@ -35,8 +39,11 @@ VARIANTS = {False: ["plain", "channels_last", "fused", "channels_last+fused"],
                    "fused (+ allocator) + pool first", "fused (+ allocator) + pool first + padded"]}
 
 
+COMPILED = ["all + pool first + compiled", "all + pool first + padded + compiled"]
+
+
 def measure(malloc: bool, model: str, width: float, pad_to: int, trials: int,
-            steps: int) -> dict[str, dict[str, float]]:
+            steps: int, compile_: bool = False) -> dict[str, dict[str, float]]:
     import torch
     import torch.nn.functional as F
 
@@ -63,19 +70,24 @@ def measure(malloc: bool, model: str, width: float, pad_to: int, trials: int,
         fused = "fused" in variant or variant.startswith("all")
         opt = torch.optim.Adam(m.parameters(), lr=1e-3, fused=True if fused else None)
         gen = torch.Generator().manual_seed(1)
+        forward = torch.compile(m) if "compiled" in variant else m
 
         def step() -> None:
             idx = torch.randint(0, len(y), (64,), generator=gen)
-            loss = F.cross_entropy(m(x[idx]), y[idx])
+            loss = F.cross_entropy(forward(x[idx]), y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
         return step
 
-    names = VARIANTS[malloc]
+    names = VARIANTS[malloc] + (COMPILED if malloc and compile_ else [])
     steps_of = {v: make(v) for v in names}
-    for v in names:  # warm-up: first-use costs out of the trials
-        for _ in range(20):
+    first_s: dict[str, float] = {}
+    for v in names:  # warm-up: first-use costs (compilation included) out of the trials
+        t = time.perf_counter()
+        steps_of[v]()
+        first_s[v] = time.perf_counter() - t
+        for _ in range(19):
             steps_of[v]()
     ms: dict[str, list[float]] = {v: [] for v in names}
     faults: dict[str, list[float]] = {v: [] for v in names}
@@ -88,7 +100,7 @@ def measure(malloc: bool, model: str, width: float, pad_to: int, trials: int,
             ms[v].append((time.perf_counter() - t) / steps * 1e3)
             faults[v].append((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0) / steps)
     return {v: {"ms_per_step": statistics.median(ms[v]), "spread": (max(ms[v]) - min(ms[v])) / statistics.median(ms[v]),
-                "faults_per_step": statistics.median(faults[v])} for v in names}
+                "faults_per_step": statistics.median(faults[v]), "first_step_s": first_s[v]} for v in names}
 
 
 def main() -> int:
@@ -100,11 +112,13 @@ def main() -> int:
     ap.add_argument("--trials", type=int, default=7)
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--procs", type=int, default=1, help="children measuring at once (default 1)")
+    ap.add_argument("--compile", action="store_true", help="add torch.compile'd variants of the tuned step")
     ap.add_argument("--json", help="also write the figures to this file")
     ap.add_argument("--child", choices=["plain", "tuned"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        res = measure(args.child == "tuned", args.model, args.width, args.pad_to, args.trials, args.steps)
+        res = measure(args.child == "tuned", args.model, args.width, args.pad_to, args.trials, args.steps,
+                      args.compile)
         print("RESULT " + json.dumps(res), flush=True)
         return 0
     if args.procs < 1:
@@ -112,7 +126,8 @@ def main() -> int:
     results: dict[str, dict[str, float]] = {}
     for child in ("plain", "tuned"):
         cmd = [sys.executable, __file__, "--child", child, "--model", args.model, "--width", str(args.width),
-               "--pad-to", str(args.pad_to), "--trials", str(args.trials), "--steps", str(args.steps)]
+               "--pad-to", str(args.pad_to), "--trials", str(args.trials), "--steps", str(args.steps),
+               *(["--compile"] if args.compile else [])]
         procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) for _ in range(args.procs)]
         runs = []
         for pr in procs:
@@ -132,9 +147,13 @@ def main() -> int:
         print(f"{v:<41} {r['ms_per_step']:8.2f} {r['spread'] * 100:6.0f}% {r['faults_per_step']:11.0f} "
               f"{r['speedup']:7.2f}x")
     for v in results:
-        if v.endswith(" + padded"):
-            without = v.removesuffix(" + padded")
-            print(f"{v}: {results[without]['ms_per_step'] / results[v]['ms_per_step']:.3f}x {without}")
+        for suffix in (" + padded", " + compiled"):
+            without = v.removesuffix(suffix)
+            if without != v and without in results:
+                print(f"{v}: {results[without]['ms_per_step'] / results[v]['ms_per_step']:.3f}x {without}")
+    for v in results:
+        if v.endswith(" + compiled"):
+            print(f"{v}: first step {results[v]['first_step_s']:.1f} s (compilation)")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     return 0
