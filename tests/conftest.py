@@ -56,44 +56,38 @@ def lenet_backend_cfg() -> Callable[..., dict]:
     return make
 
 
-@pytest.fixture
-def toy_tasks() -> tuple[object, list[object]]:
-    """A client store of 6 clients x 20 synthetic 1x8x8 samples and one Adam train task per client (MLP)."""
+def _mlp_train_tasks(name: str, sizes: list[int], data_seed: int) -> tuple[object, list[object]]:
+    """A client store of synthetic 1x8x8 samples, ``sizes[c]`` for client c, and one Adam train task
+    per client (MLP, 3 classes, batch 8)."""
     from fedslim.config import OptimizerConfig
     from fedslim.data.types import DatasetBundle, TensorData
     from fedslim.engine.store import ClientStore
     from fedslim.engine.task import ClientTask, LocalTrain, ModelSpec
 
-    g = torch.Generator().manual_seed(0)
-    x, y = torch.randn(120, 1, 8, 8, generator=g), torch.randint(0, 3, (120,), generator=g)
-    store = ClientStore(DatasetBundle("toy", TensorData(x, y), TensorData(x[:4], y[:4]), 3, (1, 8, 8)),
-                        list(torch.arange(120).chunk(6)))
+    n = sum(sizes)
+    g = torch.Generator().manual_seed(data_seed)
+    x, y = torch.randn(n, 1, 8, 8, generator=g), torch.randint(0, 3, (n,), generator=g)
+    store = ClientStore(DatasetBundle(name, TensorData(x, y), TensorData(x[:4], y[:4]), 3, (1, 8, 8)),
+                        list(torch.arange(n).split(sizes)))
     spec = ModelSpec.make("mlp", 3, (1, 8, 8))
     torch.manual_seed(0)
     state = spec.build().state_dict()
     tr = LocalTrain(1, 8, OptimizerConfig(name="adam", lr=1e-3), 1e-3)
-    return store, [ClientTask(client=c, round=1, spec=spec, state=state, train=tr, seed=c) for c in range(6)]
+    return store, [ClientTask(client=c, round=1, spec=spec, state=state, train=tr, seed=c)
+                   for c in range(len(sizes))]
+
+
+@pytest.fixture
+def toy_tasks() -> tuple[object, list[object]]:
+    """6 clients x 20 samples (see _mlp_train_tasks)."""
+    return _mlp_train_tasks("toy", [20] * 6, data_seed=0)
 
 
 @pytest.fixture
 def uneven_tasks() -> tuple[object, list[object]]:
-    """Six clients of 16, 64, 8, 40, 24 and 56 synthetic 1x8x8 samples, one Adam train task each (MLP):
-    longest first, they go out as clients 1, 5, 3, 4, 0, 2."""
-    from fedslim.config import OptimizerConfig
-    from fedslim.data.types import DatasetBundle, TensorData
-    from fedslim.engine.store import ClientStore
-    from fedslim.engine.task import ClientTask, LocalTrain, ModelSpec
-
-    sizes = [16, 64, 8, 40, 24, 56]
-    g = torch.Generator().manual_seed(1)
-    x, y = torch.randn(sum(sizes), 1, 8, 8, generator=g), torch.randint(0, 3, (sum(sizes),), generator=g)
-    store = ClientStore(DatasetBundle("uneven", TensorData(x, y), TensorData(x[:4], y[:4]), 3, (1, 8, 8)),
-                        list(torch.arange(sum(sizes)).split(sizes)))
-    spec = ModelSpec.make("mlp", 3, (1, 8, 8))
-    torch.manual_seed(0)
-    state = spec.build().state_dict()
-    tr = LocalTrain(1, 8, OptimizerConfig(name="adam", lr=1e-3), 1e-3)
-    return store, [ClientTask(client=c, round=1, spec=spec, state=state, train=tr, seed=c) for c in range(6)]
+    """Clients of 16, 64, 8, 40, 24 and 56 samples (see _mlp_train_tasks): longest first, they go out
+    as clients 1, 5, 3, 4, 0, 2."""
+    return _mlp_train_tasks("uneven", [16, 64, 8, 40, 24, 56], data_seed=1)
 
 
 @pytest.fixture
