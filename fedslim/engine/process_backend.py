@@ -53,7 +53,7 @@ import torch
 from fedslim.engine.backends import ModelBuffers, run_one
 from fedslim.engine.schedule import dispatch_order
 from fedslim.engine.store import ClientStore
-from fedslim.engine.task import ClientResult, ClientTask, ModelSpec
+from fedslim.engine.task import ClientResult, ClientTask
 from fedslim.registry import BACKENDS, CLIENT_PROCEDURES
 
 log = logging.getLogger(__name__)
@@ -161,7 +161,6 @@ class ProcessBackend:
         self.max_workers = workers or usable_cpus()
         self.max_tries = max_tries
         self.dispatch = getattr(eng, "dispatch", "longest_first")
-        self._macs: dict[ModelSpec, float] = {}  # MACs per sample of each spec, for dispatch_order
         self.last_dispatch: list[int] = []  # positions of the last cohort's tasks in the order they were sent
         self.retries = 0  # tasks re-sent after a worker died (for reports and tests)
         self._workers: list[_Worker] = []
@@ -249,7 +248,7 @@ class ProcessBackend:
     def _run(self, tasks: list[ClientTask]) -> list[ClientResult]:
         refs = {t.kind: self._proc_ref(t.kind) for t in tasks}
         here = [k for k, t in enumerate(tasks) if refs[t.kind] is None]
-        pending = deque(k for k in dispatch_order(tasks, self.store, self.dispatch, self._macs)
+        pending = deque(k for k in dispatch_order(tasks, self.store, self.dispatch)
                         if refs[tasks[k].kind] is not None)
         self.last_dispatch = []
         states: dict[int, bytes] = {}  # one pickle per distinct start state (FedAvg: one per round)

@@ -32,7 +32,7 @@ import torch
 from fedslim.data.types import DatasetBundle, TensorData
 from fedslim.engine.schedule import dispatch_order
 from fedslim.engine.store import ClientStore
-from fedslim.engine.task import ClientResult, ClientTask, ModelSpec
+from fedslim.engine.task import ClientResult, ClientTask
 from fedslim.registry import BACKENDS, CLIENT_PROCEDURES
 
 log = logging.getLogger(__name__)
@@ -127,7 +127,6 @@ class RayBackend:
         self.max_retries = max_retries
         self.store = store
         self.dispatch = getattr(eng, "dispatch", "longest_first")
-        self._macs: dict[ModelSpec, float] = {}  # MACs per sample of each spec, for dispatch_order
         self.last_dispatch: list[int] = []  # positions of the last cohort's tasks in the order they were sent
         self.retries = 0  # tasks re-sent after a worker died (for reports and tests)
         self._owns_ray = False
@@ -172,7 +171,7 @@ class RayBackend:
             if id(t.state) not in refs:
                 refs[id(t.state)] = ray.put(t.state)
         procs = {t.kind: CLIENT_PROCEDURES.get(t.kind) for t in tasks}
-        pending = deque(dispatch_order(tasks, self.store, self.dispatch, self._macs))
+        pending = deque(dispatch_order(tasks, self.store, self.dispatch))
         self.last_dispatch = []
         attempts = [0] * len(tasks)
         results: dict[int, ClientResult] = {}

@@ -36,17 +36,15 @@ STEP_OVERHEAD_MACS = 2e7
 EVAL_BATCH = 1000
 
 
-def _macs(spec: ModelSpec, cache: dict[ModelSpec, float]) -> float:
-    if spec not in cache:
-        from fedslim.models.profile import profile_spec
+def _macs(spec: ModelSpec) -> float:
+    from fedslim.models.profile import profile_spec  # cached per spec there
 
-        try:
-            cache[spec] = float(profile_spec(spec.name, spec.num_classes, spec.input_shape, spec.width,
-                                             **dict(spec.options))["macs"])
-        except Exception as e:  # a model that cannot be profiled on meta tensors: rank by steps alone
-            log.debug("no MAC count for %s (%s); its tasks are ranked by steps only", spec.name, e)
-            cache[spec] = 0.0
-    return cache[spec]
+    try:
+        return float(profile_spec(spec.name, spec.num_classes, spec.input_shape, spec.width,
+                                  **dict(spec.options))["macs"])
+    except Exception as e:  # a model that cannot be profiled on meta tensors: rank by steps alone
+        log.debug("no MAC count for %s (%s); its tasks are ranked by steps only", spec.name, e)
+        return 0.0
 
 
 def task_cost(task: ClientTask, num_samples: int, macs_per_sample: float) -> float:
@@ -62,14 +60,12 @@ def task_cost(task: ClientTask, num_samples: int, macs_per_sample: float) -> flo
     return steps * STEP_OVERHEAD_MACS + 3 * samples * macs_per_sample
 
 
-def dispatch_order(tasks: Sequence[ClientTask], store: ClientStore, order: str = "longest_first",
-                   macs_cache: dict[ModelSpec, float] | None = None) -> list[int]:
+def dispatch_order(tasks: Sequence[ClientTask], store: ClientStore, order: str = "longest_first") -> list[int]:
     """Positions of ``tasks`` in the order workers should take them; ties keep cohort order."""
     if order not in DISPATCH_ORDERS:
         raise ValueError(f"engine.dispatch: unknown value {order!r}; allowed: {', '.join(DISPATCH_ORDERS)}")
     if order == "in_order":
         return list(range(len(tasks)))
-    cache = {} if macs_cache is None else macs_cache
-    costs = [task_cost(t, store.num_samples(t.client, t.extras.get("split", "train")), _macs(t.spec, cache))
+    costs = [task_cost(t, store.num_samples(t.client, t.extras.get("split", "train")), _macs(t.spec))
              for t in tasks]
     return sorted(range(len(tasks)), key=lambda k: -costs[k])  # sorted() is stable: ties in cohort order
