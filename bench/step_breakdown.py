@@ -1,19 +1,21 @@
 """Where one client training step's time goes: oneDNN's kernels against everything else.
 
-    python bench/step_breakdown.py [--model lenet5] [--width 1] [--steps 60] [--trials 7] [--json FILE]
+    python bench/step_breakdown.py [--model lenet5] [--width 1] [--batch 64] [--steps 60] [--trials 7] [--json FILE]
 
-Two steps on one core (batch 64 of MNIST-shaped inputs, Adam): the *plain* one, as a Flower or pfl
-client runs it (NCHW, torch's default Adam, no rewrites), and fedslim's *tuned* one (the model from
-the engine's own ``ModelBuffers``: channels-last, pooling before ReLU, narrow channels padded; fused
-Adam; the allocator settings). For each, one child process times the step, and a second child, with
-``ONEDNN_VERBOSE=1``, runs the same steps and prints every oneDNN primitive it executes with the
-primitive's own time. The table gives those times per step, grouped by primitive (convolutions and
-the reorders of their weights), and what is left: pooling, the linear layers, activations, the loss,
-the optimizer and the framework around them.
+Two steps on one core (batches of 64 MNIST-shaped inputs unless ``--batch`` says otherwise, Adam):
+the *plain* one, as a Flower or pfl client runs it (NCHW, torch's default Adam, no rewrites), and
+fedslim's *tuned* one (the model from the engine's own ``ModelBuffers``: channels-last, pooling
+before ReLU, narrow channels padded; fused Adam; the allocator settings). For each, one child
+process times the step, and a second child, with ``ONEDNN_VERBOSE=1``, runs the same steps and
+prints every oneDNN primitive it executes with the primitive's own time. The table gives those
+times per step, grouped by primitive (convolutions and the reorders of their weights), and what is
+left: pooling, the linear layers, activations, the loss, the optimizer and the framework around
+them.
 
 What it answers: how far the step could fall if only the convolutions (which every engine running
 this model in torch shares) cost anything, and so the highest ratio to a plain client that a faster
-rest of the step could reach.
+rest of the step could reach. ``--batch 1`` shows the part of a step that does not grow with the
+batch: the framework around the kernels, and kernels too small to be worth their call.
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ def parse_verbose(lines: list[str], steps: int) -> dict[str, float]:
     return {k: v / steps for k, v in ms.items()}
 
 
-def child(variant: str, model: str, width: float, steps: int, trials: int, verbose: bool) -> None:
+def child(variant: str, model: str, width: float, batch: int, steps: int, trials: int, verbose: bool) -> None:
     import torch
     import torch.nn.functional as F
 
@@ -72,7 +74,7 @@ def child(variant: str, model: str, width: float, steps: int, trials: int, verbo
     x, y = torch.randn(1200, 1, 28, 28, generator=g), torch.randint(0, 10, (1200,), generator=g)
 
     def step() -> None:
-        idx = torch.randint(0, len(y), (64,), generator=g)
+        idx = torch.randint(0, len(y), (batch,), generator=g)
         loss = F.cross_entropy(m(x[idx]), y[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -98,7 +100,8 @@ def child(variant: str, model: str, width: float, steps: int, trials: int, verbo
 def run_child(args: argparse.Namespace, variant: str, verbose: bool) -> list[str]:
     env = {**os.environ, "ONEDNN_VERBOSE": "1" if verbose else "0"}
     cmd = [sys.executable, __file__, "--child", variant, "--model", args.model, "--width", str(args.width),
-           "--steps", str(args.steps), "--trials", str(args.trials), *(["--verbose"] if verbose else [])]
+           "--batch", str(args.batch), "--steps", str(args.steps), "--trials", str(args.trials),
+           *(["--verbose"] if verbose else [])]
     pr = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if pr.returncode != 0:
         raise SystemExit(f"step_breakdown: the {variant} child failed (exit {pr.returncode}): "
@@ -117,17 +120,18 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="lenet5")
     ap.add_argument("--width", type=float, default=1.0)
+    ap.add_argument("--batch", type=int, default=64, help="samples per step (default 64)")
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--trials", type=int, default=7)
     ap.add_argument("--json", help="also write the figures to this file")
     ap.add_argument("--child", choices=["plain", "tuned"], help=argparse.SUPPRESS)
     ap.add_argument("--verbose", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    for name in ("steps", "trials"):
+    for name in ("batch", "steps", "trials"):
         if getattr(args, name) < 1:
             ap.error(f"--{name}: must be at least 1 (got {getattr(args, name)})")
     if args.child:
-        child(args.child, args.model, args.width, args.steps, args.trials, args.verbose)
+        child(args.child, args.model, args.width, args.batch, args.steps, args.trials, args.verbose)
         return 0
     out: dict[str, Any] = {}
     for variant in ("plain", "tuned"):
@@ -140,7 +144,7 @@ def main() -> int:
         onednn = sum(prims.values())
         out[variant] = {"ms_per_step": step_ms, "onednn_ms": onednn, "rest_ms": step_ms - onednn,
                         "groups": dict(groups), "primitives": prims}
-    print(f"{args.model} (width {args.width:g}), batch 64, Adam, 1 thread: ms per step "
+    print(f"{args.model} (width {args.width:g}), batch {args.batch}, Adam, 1 thread: ms per step "
           f"(step: median of {args.trials} trials of {args.steps}; oneDNN: its own times over {args.steps} steps)")
     print(f"{'':<36} {'plain':>8} {'tuned':>8}")
     names = sorted({g for v in out.values() for g in v["groups"]})

@@ -40,15 +40,16 @@ def test_missing_markers_and_bad_step_counts_are_refused() -> None:
         breakdown.parse_verbose([CONV.format(ms=1.0)], steps=1)
     with pytest.raises(ValueError, match="steps"):
         breakdown.parse_verbose([breakdown.BEGIN, breakdown.END], steps=0)
-    out = subprocess.run([sys.executable, str(BENCH / "step_breakdown.py"), "--trials", "0"],
-                         capture_output=True, text=True)
-    assert out.returncode == 2 and "--trials" in out.stderr
+    for flag in ("--batch", "--trials"):
+        out = subprocess.run([sys.executable, str(BENCH / "step_breakdown.py"), flag, "0"],
+                             capture_output=True, text=True)
+        assert out.returncode == 2 and f"{flag}: must be at least 1" in out.stderr
 
 
 def test_a_real_tuned_step_logs_every_convolution_pass() -> None:
     """This torch's oneDNN still logs in the format parse_verbose reads: one LeNet-5 step runs both
     convolutions forward, both weight gradients and the second one's data gradient."""
-    args = argparse.Namespace(model="lenet5", width=1.0, steps=2, trials=1)
+    args = argparse.Namespace(model="lenet5", width=1.0, batch=64, steps=2, trials=1)
     got = breakdown.parse_verbose(breakdown.run_child(args, "tuned", verbose=True), steps=2)
     per_pass: dict[str, int] = {}
     for key, ms in got.items():
