@@ -8,8 +8,8 @@ fedslim's *tuned* one (the model from the engine's own ``ModelBuffers``: channel
 before ReLU, narrow channels padded; fused Adam; the allocator settings). For each, one child
 process times the step, and a second child, with ``ONEDNN_VERBOSE=1``, runs the same steps and
 prints every oneDNN primitive it executes with the primitive's own time. The table gives those
-times per step, grouped by primitive (convolutions and the reorders of their weights), and what is
-left: pooling, the linear layers, activations, the loss, the optimizer and the framework around
+times per step, grouped by primitive (convolutions, and reorders of tensors between memory
+layouts), and what is left: pooling, the linear layers, activations, the loss, the optimizer and the framework around
 them.
 
 What it answers: how far the step could fall if only the convolutions (which every engine running
@@ -113,7 +113,7 @@ def group(name: str) -> str:
     kind = name.split(" ")[0]
     if kind == "convolution":
         return " ".join(name.split(" ")[:2])
-    return f"{kind} (weight layouts)" if kind == "reorder" else kind
+    return f"{kind} (layout changes)" if kind == "reorder" else kind
 
 
 def main() -> int:

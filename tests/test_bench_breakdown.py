@@ -32,7 +32,7 @@ def test_per_step_times_count_only_executions_between_the_markers() -> None:
     conv_key = "convolution forward_training mb64_ic1oc8_ih28oh28kh5sh1dh0ph2_iw28ow28kw5sw1dw0pw2"
     assert got == {conv_key: pytest.approx(0.6), "reorder 8x1x5x5": pytest.approx(0.125)}
     assert breakdown.group(conv_key) == "convolution forward_training"
-    assert breakdown.group("reorder 8x1x5x5") == "reorder (weight layouts)"
+    assert breakdown.group("reorder 8x1x5x5") == "reorder (layout changes)"
 
 
 def test_missing_markers_and_bad_step_counts_are_refused() -> None:
