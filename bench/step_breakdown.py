@@ -9,8 +9,8 @@ before ReLU, narrow channels padded; fused Adam; the allocator settings). For ea
 process times the step, and a second child, with ``ONEDNN_VERBOSE=1``, runs the same steps and
 prints every oneDNN primitive it executes with the primitive's own time. The table gives those
 times per step, grouped by primitive (convolutions, and reorders of tensors between memory
-layouts), and what is left: pooling, the linear layers, activations, the loss, the optimizer and the framework around
-them.
+layouts), and what is left: pooling, the linear layers, activations, the loss, the optimizer and
+the framework around them.
 
 What it answers: how far the step could fall if only the convolutions (which every engine running
 this model in torch shares) cost anything, and so the highest ratio to a plain client that a faster
