@@ -252,6 +252,17 @@ def test_augment_with_given_draws_equals_augment_batch() -> None:
         assert torch.equal(augment_with(x, mode, flip, dy, dx), ref)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_augmentation_of_a_cuda_batch_draws_on_the_cpu() -> None:
+    """A CUDA batch is augmented from the task's CPU generator, exactly as the same batch on the CPU
+    (drawing a CUDA tensor from a CPU generator raises)."""
+    x = torch.randn(10, 3, 12, 12)
+    for mode in ("flip", "crop_flip"):
+        on_cpu = augment_batch(x, mode, torch.Generator().manual_seed(5))
+        on_gpu = augment_batch(x.cuda(), mode, torch.Generator().manual_seed(5))
+        assert on_gpu.device.type == "cuda" and torch.equal(on_gpu.cpu(), on_cpu)
+
+
 def test_mixed_cohort_keeps_task_order_and_falls_back_once() -> None:
     """Different specs form separate groups, evaluate tasks and (off the stacked path) dropout models
     run serially, said once, and every result comes back at its task's position."""

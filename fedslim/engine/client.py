@@ -35,17 +35,21 @@ def build_optimizer(params: list[nn.Parameter], train: LocalTrain) -> torch.opti
 
 
 def augment_batch(x: torch.Tensor, mode: str, gen: torch.Generator) -> torch.Tensor:
-    """Batched random horizontal flip (and 4-pixel-padded random crop), drawn from ``gen`` only."""
+    """Batched random horizontal flip (and 4-pixel-padded random crop), drawn from ``gen`` only.
+
+    ``gen`` is a CPU generator and the draws are made on the CPU, then moved: a CUDA tensor cannot
+    be drawn from a CPU generator, and drawing on the CPU gives the same augmentation on every device
+    (the vectorized backend draws the same values the same way)."""
     if mode == "none" or x.dim() != 4:
         return x
     n, _, h, w = x.shape
-    flip = torch.rand(n, generator=gen, device=x.device) < 0.5
+    flip = (torch.rand(n, generator=gen) < 0.5).to(x.device)
     x = torch.where(flip[:, None, None, None], x.flip(3), x)
     if mode == "crop_flip":
         pad = 4
         xp = F.pad(x, (pad, pad, pad, pad))
-        dy = torch.randint(0, 2 * pad + 1, (n,), generator=gen, device=x.device)
-        dx = torch.randint(0, 2 * pad + 1, (n,), generator=gen, device=x.device)
+        dy = torch.randint(0, 2 * pad + 1, (n,), generator=gen).to(x.device)
+        dx = torch.randint(0, 2 * pad + 1, (n,), generator=gen).to(x.device)
         rows = (dy[:, None] + torch.arange(h, device=x.device)[None, :])  # n, h
         cols = (dx[:, None] + torch.arange(w, device=x.device)[None, :])  # n, w
         x = xp[torch.arange(n, device=x.device)[:, None, None, None], torch.arange(x.shape[1], device=x.device)[
@@ -70,8 +74,10 @@ def load_state(model: nn.Module, state: State) -> None:
         raise ValueError(f"client model and payload disagree: missing {missing[:3]}, unexpected {unexpected[:3]}")
 
 
-def _batches(n: int, batch_size: int, gen: torch.Generator) -> list[torch.Tensor]:
-    perm = torch.randperm(n, generator=gen)
+def _batches(n: int, batch_size: int, gen: torch.Generator, device: torch.device | str = "cpu") -> list[torch.Tensor]:
+    # Drawn on the CPU (the same order on every device), then moved once per epoch: moving each
+    # batch's indices to a GPU would wait for the GPU to finish the previous step every time.
+    perm = torch.randperm(n, generator=gen).to(device)
     out = [perm[i:i + batch_size] for i in range(0, n, batch_size)]
     # A final batch of one sample breaks BatchNorm in training mode; fold it into the previous one.
     if len(out) > 1 and len(out[-1]) == 1:
@@ -99,8 +105,7 @@ def train_model(model: nn.Module, task: ClientTask, data: TensorData) -> tuple[i
         return 0, 0.0, 0
     done = False
     for _ in range(tr.epochs):
-        for idx in _batches(n, tr.batch_size, gen):
-            idx = idx.to(data.x.device)
+        for idx in _batches(n, tr.batch_size, gen, data.x.device):
             xb, yb = data.x[idx], data.y[idx]
             xb = augment_batch(xb, tr.augment, gen)
             out = masked_logits(model(xb), task.label_mask)
