@@ -105,8 +105,9 @@ def run_floor(w: Workload, data_dir: str, device: str) -> dict[str, Any]:
             model, opt = models[levels[c]], opts[levels[c]]
             n = len(s.parts[c])
             sizes = [len(b) for _ in range(w.epochs) for b in batches(n, w.batch_size, gen)][:w.max_steps]
-            for size in sizes:
-                idx = torch.randint(0, len(y), (size,), generator=gen)
+            # One copy of the update's indices to the device: a copy per step would wait for the GPU.
+            drawn = torch.randint(0, len(y), (sum(sizes),), generator=gen).to(device).split(sizes)
+            for idx in drawn:
                 loss = F.cross_entropy(model(x[idx]), y[idx])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
