@@ -478,7 +478,12 @@ class VectorizedBackend:
         y_all = torch.cat([d.y for d in datas]).to(dev)
         sch = _build_schedule(per, offsets, tr.augment if image else "none", dev)
         G = len(tasks)
-        start = {k: torch.stack([t.state[k].to(dev) for t in tasks]) for k in plan.keys}
+        # One copy to the device per distinct start state (FedAvg's cohort shares one), not per client.
+        on_dev: dict[int, dict[str, Tensor]] = {}
+        for t in tasks:
+            if id(t.state) not in on_dev:
+                on_dev[id(t.state)] = {k: t.state[k].to(dev) for k in plan.keys}
+        start = {k: torch.stack([on_dev[id(t.state)][k] for t in tasks]) for k in plan.keys}
         cur = {k: v.clone() for k, v in start.items()}
         params = {k: cur[k] for k in plan.trainable}
         fixed = {k: cur[k] for k in plan.frozen + plan.buffers}
@@ -535,11 +540,15 @@ class VectorizedBackend:
                 plan.stacked[1].rng = None
         steps = sch.steps
         results: list[ClientResult | None] = [None] * G
+        # One copy back per tensor name for the whole group (each copy from a GPU waits for it), then
+        # a private CPU tensor per client.
+        deltas = {k: (cur[k] - start[k]).cpu() for k in plan.keys}
+        seen_all, loss_all = seen.cpu(), loss_sum.cpu()
         for g, t in enumerate(tasks):
-            delta = {k: (cur[k][g] - start[k][g]).cpu() for k in t.state}
-            n_seen = int(seen[g].item())
+            delta = {k: deltas[k][g].clone() for k in t.state}
+            n_seen = int(seen_all[g].item())
             results[order[g]] = ClientResult(t.client, t.round, delta, sizes[g], steps[g],
-                                             float(loss_sum[g]) / max(n_seen, 1), {"samples_processed": n_seen})
+                                             float(loss_all[g]) / max(n_seen, 1), {"samples_processed": n_seen})
         return results  # type: ignore[return-value]
 
     def _steps(self, plan: _Plan, tr: LocalTrain, sch: _Schedule, step_fn: Any, opt: _Optimizer,
