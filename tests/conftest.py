@@ -91,6 +91,13 @@ def uneven_tasks() -> tuple[object, list[object]]:
 
 
 @pytest.fixture
+def one_long_task() -> tuple[object, list[object]]:
+    """Client 0 with 6000 samples (750 steps), clients 1-3 with 8 (one step each), see
+    _mlp_train_tasks."""
+    return _mlp_train_tasks("one-long", [6000, 8, 8, 8], data_seed=2)
+
+
+@pytest.fixture
 def float64() -> Iterator[None]:
     """Default dtype float64 for the test: equivalence checks where only the algorithm, not float32
     rounding, can make two computations differ."""

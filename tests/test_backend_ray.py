@@ -59,7 +59,7 @@ def test_worker_killed_mid_round_is_retried(ray_cluster: object, serial_rows: li
 
     def plan_with_a_crash(self: FedAvg, round_: int, cohort: list[int]) -> list[ClientTask]:
         tasks = plan(self, round_, cohort)
-        if round_ == 2:  # the worker holding this task dies, taking its other in-flight task with it
+        if round_ == 2:  # the worker holding this task dies during the round
             tasks[1].extras[FAIL_ONCE_EXTRA] = str(marker)
         return tasks
 
@@ -103,6 +103,27 @@ def test_longest_tasks_go_out_first_and_results_stay_in_task_order(
         backend.close()
     assert backend.last_dispatch == [1, 5, 3, 4, 0, 2]
     assert [r.client for r in got] == list(range(6))
+    for a, b in zip(expected, got, strict=True):
+        assert a.loss == b.loss and a.num_steps == b.num_steps
+        assert all(torch.equal(a.delta[k], b.delta[k]) for k in a.delta)
+
+
+@pytest.mark.ray
+def test_short_tasks_do_not_wait_behind_a_long_one(
+        ray_cluster: object, one_long_task: tuple[Any, list[ClientTask]]) -> None:
+    store, tasks = one_long_task
+    expected = SerialBackend(store).run(tasks)
+    backend = RayBackend(store, workers=2)
+    try:
+        got = backend.run(tasks)
+    finally:
+        backend.close()
+    # One task per worker at a time: the long client 0 keeps one worker, the other takes 1, 2 and 3
+    # as it frees (a second task sent to client 0's worker would wait for it).
+    assert backend.last_dispatch == [0, 1, 2, 3]
+    long_slot = backend.last_workers[0]
+    assert {backend.last_workers[k] for k in (1, 2, 3)} == {1 - long_slot}
+    assert [r.client for r in got] == [0, 1, 2, 3]
     for a, b in zip(expected, got, strict=True):
         assert a.loss == b.loss and a.num_steps == b.num_steps
         assert all(torch.equal(a.delta[k], b.delta[k]) for k in a.delta)

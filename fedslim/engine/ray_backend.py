@@ -38,8 +38,14 @@ from fedslim.registry import BACKENDS, CLIENT_PROCEDURES
 log = logging.getLogger(__name__)
 
 INSTALL_HINT = "engine.backend 'ray' needs Ray: pip install 'fedslim[ray]' (or pip install 'ray>=2.9')"
-# Tasks queued on one actor at a time: a second one hides the round trip of fetching the next task.
-IN_FLIGHT_PER_WORKER = 2
+# Tasks sent to one actor at a time. A second one queued behind the running one would hide the round
+# trip to the driver, but it commits the task to that actor: longest first, it can be a long task
+# stuck behind another long one while other actors are free. bench/dispatch.py's model of 25 LeNet
+# clients of a Dirichlet split: rounds 1.28x their lower bound with two per actor on 8 actors (alpha
+# 0.1) and 1.50x on 16 (alpha 1), against 1.03x and 1.06x with one. The round trip did not show on a
+# local cluster: bench/compare.py's fedslim-ray took 0.325 and 0.336 s per LeNet update with two,
+# 0.334 and 0.328 with one.
+IN_FLIGHT_PER_WORKER = 1
 # Extras a test sets to make a worker die; see RayWorker.run.
 FAIL_ONCE_EXTRA = "ray_exit_once_marker"
 
@@ -128,6 +134,7 @@ class RayBackend:
         self.store = store
         self.dispatch = getattr(eng, "dispatch", "longest_first")
         self.last_dispatch: list[int] = []  # positions of the last cohort's tasks in the order they were sent
+        self.last_workers: dict[int, int] = {}  # task position -> the worker slot whose result was kept
         self.retries = 0  # tasks re-sent after a worker died (for reports and tests)
         self._owns_ray = False
         if not ray.is_initialized():
@@ -173,6 +180,7 @@ class RayBackend:
         procs = {t.kind: CLIENT_PROCEDURES.get(t.kind) for t in tasks}
         pending = deque(dispatch_order(tasks, self.store, self.dispatch))
         self.last_dispatch = []
+        self.last_workers = {}
         attempts = [0] * len(tasks)
         results: dict[int, ClientResult] = {}
         running: dict[Any, tuple[int, int, Any]] = {}  # future -> (task key, worker slot, actor)
@@ -215,7 +223,9 @@ class RayBackend:
                 raise RuntimeError(f"ray backend: result for (round {res.round}, client {res.client}) came back "
                                    f"for task (round {t.round}, client {t.client})")
             # A re-executed task (Ray may run one twice around a failure) yields the same pure result.
-            results.setdefault(k, res)
+            if k not in results:
+                results[k] = res
+                self.last_workers[k] = slot
             submit(slot)
         return [results[k] for k in range(len(tasks))]
 
