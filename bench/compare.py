@@ -162,6 +162,8 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                         "startup_s": statistics.median(r["startup_s"] for r in ok),
                         "acc_round1": rep.get("acc_round1"), "threads": rep["threads"],
                         "workers": rep.get("workers"), "peak_mb": max(r["peak_mb"] for r in ok)})
+            if any("gpu_peak_mb" in r for r in ok):
+                row["gpu_peak_mb"] = max(r.get("gpu_peak_mb", 0.0) for r in ok)
         out.append(row)
     return out
 
@@ -169,6 +171,9 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def fmt_table(rows: list[dict[str, Any]]) -> str:
     head = (f"{'workload':<9} {'contender':<19} {'thr':>3} {'updates':>7} {'s/update':>8} {'spread':>6} "
             f"{'updates/s':>9} {'x floor':>7} {'r1 s/upd':>8} {'startup s':>9} {'acc r1':>7} {'peak MB':>7}")
+    gpu = any("gpu_peak_mb" in r for r in rows)
+    if gpu:  # torch's peak allocation on the device, beside the host's PSS
+        head += f" {'GPU MB':>7}"
     lines = [head, "-" * len(head)]
     floor = {r["workload"]: r for r in rows if r["contender"] == "floor" and "s_per_update" in r}
     for r in rows:
@@ -182,7 +187,8 @@ def fmt_table(rows: list[dict[str, Any]]) -> str:
         thr = f"{r['threads']}x{r['workers']}" if r.get("workers") else str(r["threads"])
         lines.append(f"{r['workload']:<9} {r['contender']:<19} {thr:>3} {r['updates']:>7} {r['s_per_update']:8.3f} "
                      f"{r['spread'] * 100:5.0f}% {1 / r['s_per_update']:9.2f} {ratio} "
-                     f"{r['first_s_per_update']:8.3f} {r['startup_s']:9.1f} {acc} {r['peak_mb']:7.0f}")
+                     f"{r['first_s_per_update']:8.3f} {r['startup_s']:9.1f} {acc} {r['peak_mb']:7.0f}"
+                     + (f" {r['gpu_peak_mb']:7.0f}" if "gpu_peak_mb" in r else f" {'-':>7}" if gpu else ""))
     return "\n".join(lines)
 
 
@@ -242,7 +248,11 @@ def main() -> int:
     import torch
 
     if args.device == "cuda" and not torch.cuda.is_available():
-        ap.error("--device cuda: torch sees no CUDA device here (torch " + torch.__version__ + ")")
+        if torch.version.cuda is None:
+            ap.error(f"--device cuda: this environment's torch is a CPU-only build (torch {torch.__version__}); "
+                     f"on the GPU machine, put a CUDA build in it first, e.g. {sys.executable} -m pip install "
+                     f"--force-reinstall torch==2.13.0 (PyPI's Linux wheels are CUDA builds)")
+        ap.error(f"--device cuda: torch {torch.__version__} (CUDA {torch.version.cuda}) sees no CUDA device here")
     gpu = f", {torch.cuda.get_device_name()}" if args.device == "cuda" else ""
     print(f"torch {torch.__version__}, {os.cpu_count()} CPUs{gpu}, load average {os.getloadavg()[0]:.2f} at start")
     runs = []

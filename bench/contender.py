@@ -157,6 +157,8 @@ def main() -> int:
     else:
         raise SystemExit(f"unknown contender {args.contender!r}")
     res.setdefault("threads", torch.get_num_threads())  # torch threads per client (Flower reports its own)
+    if args.device == "cuda":  # the sampled PSS is host memory only
+        res["gpu_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
     res.update({"contender": args.contender, "workload": w.name, "rounds": w.rounds, "device": args.device,
                 "torch": torch.__version__})
     if args.contender in ("fedslim-process", "fedslim-ray"):

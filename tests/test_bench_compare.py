@@ -68,3 +68,26 @@ def test_memory_sampling_interval_must_be_positive() -> None:
                          timeout=120)
     assert out.returncode == 2
     assert "--sample-every: must be a positive number of seconds (got 0.0)" in out.stderr
+
+
+@pytest.mark.skipif(__import__("torch").version.cuda is not None, reason="needs a CPU-only torch build")
+def test_cuda_on_a_cpu_only_torch_says_how_to_get_a_cuda_build() -> None:
+    import subprocess
+
+    out = subprocess.run([sys.executable, str(Path(compare.__file__)), "--device", "cuda", "--workloads", "lenet"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert "CPU-only build" in out.stderr and "pip install --force-reinstall torch==2.13.0" in out.stderr
+
+
+def test_gpu_memory_gets_a_column_only_when_a_contender_reports_it() -> None:
+    cpu_only = compare.summarize([_run("fedslim-serial", [20.0, 10.0]), _run("floor", [30.0, 20.0])])
+    assert "GPU MB" not in compare.fmt_table(cpu_only)
+    runs = [_run("fedslim-serial", [20.0, 10.0], gpu_peak_mb=40.0),
+            _run("fedslim-serial", [20.0, 11.0], gpu_peak_mb=48.4), _run("floor", [30.0, 20.0])]
+    rows = compare.summarize(runs)
+    assert {r["contender"]: r.get("gpu_peak_mb") for r in rows} == {"fedslim-serial": 48.4, "floor": None}
+    table = compare.fmt_table(rows).splitlines()
+    assert table[0].split()[-2:] == ["GPU", "MB"]
+    by_name = {ln.split()[1]: ln.split() for ln in table[2:]}
+    assert by_name["fedslim-serial"][-1] == "48" and by_name["floor"][-1] == "-"
