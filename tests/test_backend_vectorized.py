@@ -18,7 +18,13 @@ from fedslim.engine.client import augment_batch
 from fedslim.engine.run import Runner
 from fedslim.engine.store import ClientStore
 from fedslim.engine.task import ClientResult, ClientTask, LocalTrain, ModelSpec
-from fedslim.engine.vectorized import VectorizedBackend, _build_schedule, augment_with, client_schedule
+from fedslim.engine.vectorized import (
+    VectorizedBackend,
+    _build_schedule,
+    augment_with,
+    client_schedule,
+    out_of_memory,
+)
 from fedslim.results import read_jsonl
 
 SHAPE = (1, 16, 16)
@@ -354,6 +360,41 @@ def test_max_group_splits_a_group_into_batched_steps_of_at_most_that_many(monkey
     assert_close(SerialBackend(store).run(tasks), vec, 1e-5)
     with pytest.raises(ValueError, match="max_group"):
         validate({"engine": {"max_group": 0}})
+
+
+def test_allocation_failures_reported_as_runtime_errors_count_as_out_of_memory(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    try:
+        torch.empty(2**60, dtype=torch.uint8)  # the CPU allocator's own refusal, whatever its wording
+    except RuntimeError as e:
+        cpu_refusal: BaseException = e
+    assert out_of_memory(cpu_refusal)
+    assert out_of_memory(RuntimeError("cuDNN error: CUDNN_STATUS_ALLOC_FAILED"))
+    assert not out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+
+    store = make_store()
+    tasks = make_tasks(store, ModelSpec.make("lenet5", 4, SHAPE), LocalTrain(1, 16, adam(), 1e-3))
+    inner = VectorizedBackend._train_group
+
+    def cudnn_fits_two(self: VectorizedBackend, group: list[ClientTask]) -> list[ClientResult]:
+        if len(group) > 2:
+            raise RuntimeError("cuDNN error: CUDNN_STATUS_ALLOC_FAILED (simulated)")
+        return inner(self, group)
+
+    monkeypatch.setattr(VectorizedBackend, "_train_group", cudnn_fits_two)
+    vb = VectorizedBackend(store)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        vec = vb.run(tasks)
+    assert vb.max_group == 2
+    assert_close(SerialBackend(store).run(tasks), vec, 1e-5)
+
+    def broken(self: VectorizedBackend, group: list[ClientTask]) -> list[ClientResult]:
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+
+    monkeypatch.setattr(VectorizedBackend, "_train_group", broken)
+    with pytest.raises(RuntimeError, match="mat1"):
+        VectorizedBackend(store).run(tasks)
 
 
 def test_a_group_that_runs_out_of_memory_is_halved_and_said_once(monkeypatch: pytest.MonkeyPatch) -> None:

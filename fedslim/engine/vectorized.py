@@ -219,6 +219,18 @@ def augment_with(x: Tensor, mode: str, flip: Tensor, dy: Tensor | None, dx: Tens
     return x
 
 
+# Failed allocations that reach Python as a plain RuntimeError: cuDNN's and cuBLAS's own workspace
+# allocations on a GPU, and the CPU allocator.
+_OOM_MESSAGES = ("CUDNN_STATUS_ALLOC_FAILED", "CUBLAS_STATUS_ALLOC_FAILED",
+                 "DefaultCPUAllocator: can't allocate memory")
+
+
+def out_of_memory(e: BaseException) -> bool:
+    """Whether ``e`` says that memory ran out (torch's ``OutOfMemoryError`` or one of the above)."""
+    return isinstance(e, torch.OutOfMemoryError) or (isinstance(e, RuntimeError)
+                                                       and any(m in str(e) for m in _OOM_MESSAGES))
+
+
 def _to(t: Tensor | None, device: str) -> Tensor | None:
     return None if t is None else t.to(device)
 
@@ -444,8 +456,8 @@ class VectorizedBackend:
         device's memory (a group of one that does not fit raises)."""
         try:
             return self._train_group(tasks)
-        except torch.OutOfMemoryError:
-            if len(tasks) == 1:
+        except (torch.OutOfMemoryError, RuntimeError) as e:
+            if len(tasks) == 1 or not out_of_memory(e):
                 raise
         # Outside the except block, so the failed step's tensors (held by the traceback) are freed.
         if str(self.device).startswith("cuda"):
