@@ -69,6 +69,22 @@ def test_worker_killed_mid_round_is_retried(ray_cluster: object, serial_rows: li
     assert crashed == serial_rows  # every update of round 2 counted once, none lost
 
 
+def assert_same_results(expected: list[Any], got: list[Any]) -> None:
+    """The same clients in the same order, with the same losses, step counts and deltas bit for bit."""
+    assert [r.client for r in got] == [r.client for r in expected]
+    for a, b in zip(expected, got, strict=True):
+        assert a.loss == b.loss and a.num_steps == b.num_steps
+        assert all(torch.equal(a.delta[k], b.delta[k]) for k in a.delta)
+
+
+def run_on_two_workers(store: Any, tasks: list[ClientTask]) -> tuple[RayBackend, list[Any]]:
+    backend = RayBackend(store, workers=2)
+    try:
+        return backend, backend.run(tasks)
+    finally:
+        backend.close()
+
+
 @pytest.mark.ray
 def test_backend_retries_on_a_fresh_worker(ray_cluster: object, tmp_path: Path,
                                            toy_tasks: tuple[Any, list[ClientTask]]) -> None:
@@ -86,9 +102,7 @@ def test_backend_retries_on_a_fresh_worker(ray_cluster: object, tmp_path: Path,
     assert dead in before and dead not in after and len(after) == 2
     assert backend.retries >= 1
     assert [r.client for r in got] == list(range(6))
-    for a, b in zip(expected, got, strict=True):
-        assert a.loss == b.loss and a.num_steps == b.num_steps
-        assert all(torch.equal(a.delta[k], b.delta[k]) for k in a.delta)
+    assert_same_results(expected, got)
 
 
 @pytest.mark.ray
@@ -96,16 +110,10 @@ def test_longest_tasks_go_out_first_and_results_stay_in_task_order(
         ray_cluster: object, uneven_tasks: tuple[Any, list[ClientTask]]) -> None:
     store, tasks = uneven_tasks
     expected = SerialBackend(store).run(tasks)
-    backend = RayBackend(store, workers=2)
-    try:
-        got = backend.run(tasks)
-    finally:
-        backend.close()
+    backend, got = run_on_two_workers(store, tasks)
     assert backend.last_dispatch == [1, 5, 3, 4, 0, 2]
     assert [r.client for r in got] == list(range(6))
-    for a, b in zip(expected, got, strict=True):
-        assert a.loss == b.loss and a.num_steps == b.num_steps
-        assert all(torch.equal(a.delta[k], b.delta[k]) for k in a.delta)
+    assert_same_results(expected, got)
 
 
 @pytest.mark.ray
@@ -113,20 +121,14 @@ def test_short_tasks_do_not_wait_behind_a_long_one(
         ray_cluster: object, one_long_task: tuple[Any, list[ClientTask]]) -> None:
     store, tasks = one_long_task
     expected = SerialBackend(store).run(tasks)
-    backend = RayBackend(store, workers=2)
-    try:
-        got = backend.run(tasks)
-    finally:
-        backend.close()
+    backend, got = run_on_two_workers(store, tasks)
     # One task per worker at a time: the long client 0 keeps one worker, the other takes 1, 2 and 3
     # as it frees (a second task sent to client 0's worker would wait for it).
     assert backend.last_dispatch == [0, 1, 2, 3]
     long_slot = backend.last_workers[0]
     assert {backend.last_workers[k] for k in (1, 2, 3)} == {1 - long_slot}
     assert [r.client for r in got] == [0, 1, 2, 3]
-    for a, b in zip(expected, got, strict=True):
-        assert a.loss == b.loss and a.num_steps == b.num_steps
-        assert all(torch.equal(a.delta[k], b.delta[k]) for k in a.delta)
+    assert_same_results(expected, got)
 
 
 def test_missing_ray_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
