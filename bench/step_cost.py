@@ -7,7 +7,9 @@ LeNet-5 on MNIST-shaped batches of 64 with Adam, one torch thread. Variants: the
 torch's default Adam, glibc's allocator defaults), then channels-last, fused Adam, both, and all
 three with the allocator settings; then fedslim.engine.rewrite's rewrites on top of those settings
 (``pool first``: max-pooling moved before ReLU; ``padded``: narrow channels padded to eight), in
-channels-last and, for the padding, in NCHW too (where the engine does not pad). The allocator
+channels-last and, for the padding, in NCHW too (where the engine does not pad); and, last,
+fedslim.engine.flat's (``flat``: the parameters and gradients as views of two flat tensors, padded
+weights stored padded, one direct fused Adam step): the engine's step as ``train_model`` runs it. The allocator
 settings cannot be undone inside a process, so the variants with and without them run in two child
 processes, one after the other; inside each, the variants' trials are interleaved so that a machine
 that slows down slows all of them. Reported: the median ms per step over the trials, page faults per
@@ -36,7 +38,8 @@ from typing import Any
 
 VARIANTS = {False: ["plain", "channels_last", "fused", "channels_last+fused"],
             True: ["all (+ allocator)", "all + pool first", "all + pool first + padded",
-                   "fused (+ allocator) + pool first", "fused (+ allocator) + pool first + padded"]}
+                   "fused (+ allocator) + pool first", "fused (+ allocator) + pool first + padded",
+                   "all + pool first + flat", "all + pool first + padded + flat"]}
 
 
 COMPILED = ["all + pool first + compiled", "all + pool first + padded + compiled"]
@@ -47,8 +50,11 @@ def measure(malloc: bool, model: str, width: float, pad_to: int, trials: int,
     import torch
     import torch.nn.functional as F
 
+    from fedslim.config import OptimizerConfig
+    from fedslim.engine.flat import flat_parameters, flat_step
     from fedslim.engine.host import tune_malloc
     from fedslim.engine.rewrite import pad_narrow_channels, pool_before_activation
+    from fedslim.engine.task import LocalTrain
     from fedslim.models import build_model
 
     torch.set_num_threads(1)
@@ -68,14 +74,22 @@ def measure(malloc: bool, model: str, width: float, pad_to: int, trials: int,
         if "padded" in variant:
             pad_narrow_channels(m, pad_to, channels_last=cl)
         fused = "fused" in variant or variant.startswith("all")
-        opt = torch.optim.Adam(m.parameters(), lr=1e-3, fused=True if fused else None)
+        flat = flat_parameters(m) if "flat" in variant else None
+        if flat is not None:
+            opt: Any = flat_step(flat.param, LocalTrain(1, 64, OptimizerConfig(name="adam", lr=1e-3), 1e-3))
+            zero_grad = flat.zero_grad
+        else:
+            opt = torch.optim.Adam(m.parameters(), lr=1e-3, fused=True if fused else None)
+
+            def zero_grad() -> None:
+                opt.zero_grad(set_to_none=True)
         gen = torch.Generator().manual_seed(1)
         forward = torch.compile(m) if "compiled" in variant else m
 
         def step() -> None:
             idx = torch.randint(0, len(y), (64,), generator=gen)
             loss = F.cross_entropy(forward(x[idx]), y[idx])
-            opt.zero_grad(set_to_none=True)
+            zero_grad()
             loss.backward()
             opt.step()
         return step
@@ -150,7 +164,7 @@ def main() -> int:
         print(f"{v:<41} {r['ms_per_step']:8.2f} {r['spread'] * 100:6.0f}% {r['faults_per_step']:11.0f} "
               f"{r['speedup']:7.2f}x")
     for v in results:
-        for suffix in (" + padded", " + compiled"):
+        for suffix in (" + padded", " + compiled", " + flat"):
             without = v.removesuffix(suffix)
             if without != v and without in results:
                 print(f"{v}: {results[without]['ms_per_step'] / results[v]['ms_per_step']:.3f}x {without}")

@@ -14,6 +14,6 @@ def test_a_model_without_narrow_channels_runs_without_the_padded_variants() -> N
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-500:]
     rows = [ln.split("  ")[0] for ln in out.stdout.splitlines() if ln.endswith("x") and "ms/step" not in ln]
-    assert "all + pool first" in rows and "plain" in rows
+    assert "all + pool first" in rows and "plain" in rows and "all + pool first + flat" in rows
     assert not any("padded" in r for r in rows)
     assert "lenet5 at width 2 has no channels below 8: no padded variants" in out.stdout

@@ -7,11 +7,14 @@ all randomness comes from ``task.seed``. Algorithms add procedures with
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from fedslim.data.types import TensorData
+from fedslim.engine.flat import FlatStep, flat_parameters, flat_step
 from fedslim.engine.task import ClientResult, ClientTask, LocalTrain, State
 from fedslim.registry import CLIENT_PROCEDURES
 
@@ -95,8 +98,15 @@ def train_model(model: nn.Module, task: ClientTask, data: TensorData) -> tuple[i
     torch.manual_seed(task.seed)  # dropout draws from the global generator; pin it to this task
     dev = next(model.parameters()).device
     model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = build_optimizer(params, tr)
+    flat = flat_parameters(model)
+    if flat is not None:
+        params = [flat.param]
+        opt: torch.optim.Optimizer | FlatStep = flat_step(flat.param, tr)
+        zero_grad = flat.zero_grad
+    else:
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = build_optimizer(params, tr)
+        zero_grad = functools.partial(opt.zero_grad, set_to_none=True)
     masks = {k: m.to(dev) for k, m in task.param_masks.items()} if task.param_masks else None
     named = dict(model.named_parameters())
     steps, seen, loss_sum = 0, 0, torch.zeros((), device=dev)
@@ -110,7 +120,7 @@ def train_model(model: nn.Module, task: ClientTask, data: TensorData) -> tuple[i
             xb = augment_batch(xb, tr.augment, gen)
             out = masked_logits(model(xb), task.label_mask)
             loss = F.cross_entropy(out, yb)
-            opt.zero_grad(set_to_none=True)
+            zero_grad()
             loss.backward()
             if tr.grad_clip is not None:
                 nn.utils.clip_grad_norm_(params, tr.grad_clip)

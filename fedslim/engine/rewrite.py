@@ -95,8 +95,16 @@ class ChannelPaddedConv2d(nn.Conv2d):
     pad_out: int
     pad_in: int
     padded_layout: torch.memory_format
+    # Set by fedslim.engine.flat: the padded weight (and bias) stored as such, of which the module's
+    # own parameters are views; used while they still are (a deep copy of the module is not).
+    full_weight: torch.Tensor | None = None
+    full_bias: torch.Tensor | None = None
 
     def _conv_forward(self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        full_w, full_b = self.full_weight, self.full_bias
+        if (full_w is not None and full_w.data_ptr() == weight.data_ptr()
+                and (full_b is None or (bias is not None and full_b.data_ptr() == bias.data_ptr()))):
+            return super()._conv_forward(input, full_w, bias if full_b is None else full_b)
         if self.pad_in:
             weight = F.pad(weight, (0, 0, 0, 0, 0, self.pad_in))
         if self.pad_out:
