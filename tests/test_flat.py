@@ -141,16 +141,20 @@ def test_a_frozen_parameter_keeps_the_per_tensor_step():
     assert not torch.equal(model.fc[0].weight, trained)
 
 
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize(("name", "momentum", "nesterov", "weight_decay"), [
     ("adam", 0.0, False, 0.0), ("adam", 0.0, False, 1e-2), ("sgd", 0.0, False, 0.0), ("sgd", 0.9, False, 1e-2),
     ("sgd", 0.9, True, 0.0)])
-def test_the_direct_step_is_torch_optims_fused_step_bit_for_bit(name, momentum, nesterov, weight_decay):
+def test_the_direct_step_is_torch_optims_fused_step_bit_for_bit(name, momentum, nesterov, weight_decay, device):
     opt = OptimizerConfig(name=name, lr=1e-2, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
                           betas=(0.8, 0.99))
     train = LocalTrain(1, 8, opt, 3e-3)  # the scheduled lr (3e-3), not the configured one, applies
     gen = torch.Generator().manual_seed(0)
-    start = torch.randn(1003, generator=gen)
-    grads = [torch.randn(1003, generator=gen) for _ in range(5)]
+    start = torch.randn(1003, generator=gen).to(device)
+    grads = [torch.randn(1003, generator=gen).to(device) for _ in range(5)]
     mine, theirs = nn.Parameter(start.clone()), nn.Parameter(start.clone())
     step, ref = FlatStep(mine, train), client.build_optimizer([theirs], train)
     for g in grads:

@@ -69,13 +69,11 @@ class FlatParameters:
         params = list(model.parameters())
         self._padded: list[tuple[ChannelPaddedConv2d, _Region, _Region | None]] = []
         owned: dict[int, tuple[nn.Parameter, _Region, tuple[slice, ...]]] = {}
-        regions: list[_Region] = []
         n = 0
 
         def take(shape: torch.Size, stride: tuple[int, ...]) -> _Region:
             nonlocal n
             r = _Region(n, shape, stride)
-            regions.append(r)
             n += shape.numel()
             return r
 

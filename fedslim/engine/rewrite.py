@@ -39,7 +39,10 @@ backend's model (its stacked copy holds every client's channels and knows plain 
 ``bench/step_cost.py [--width W] [--pad-to N] [--procs 2]``, as printed in bench/README.md.
 
 The padding is a constant made in each forward (``F.pad`` of the real weight), so the parameters, their
-names, shapes and optimizer state are untouched, and the padded channels are exactly zero: zero
+names, shapes and optimizer state are untouched, and the padded channels are exactly zero. (Once
+:mod:`fedslim.engine.flat` has flattened the model for training, the padded weight is stored as such
+and the real one is a view of it; the forward then pads nothing, and the zero channels stay zero
+because their gradients are exactly zero.) Zero channels stay zero through the layers between: zero
 weights and bias give zero, ReLU, max-pooling and Scaler keep zero, and the next convolution multiplies
 them by zero weights. Only the layers between the two convolutions must keep a zero channel zero and
 leave the other channels alone, so the chain may hold only ReLU, ReLU6, max-pooling, Identity and
