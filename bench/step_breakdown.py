@@ -5,7 +5,8 @@
 Two steps on one core (batches of 64 MNIST-shaped inputs unless ``--batch`` says otherwise, Adam):
 the *plain* one, as a Flower or pfl client runs it (NCHW, torch's default Adam, no rewrites), and
 fedslim's *tuned* one (the model from the engine's own ``ModelBuffers``: channels-last, pooling
-before ReLU, narrow channels padded; fused Adam; the allocator settings). For each, one child
+before ReLU, narrow channels padded; flattened and stepped by fused Adam as ``train_model`` does,
+fedslim.engine.flat; the allocator settings). For each, one child
 process times the step, and a second child, with ``ONEDNN_VERBOSE=1``, runs the same steps and
 prints every oneDNN primitive it executes with the primitive's own time. The table gives those
 times per step, grouped by primitive (convolutions, and reorders of tensors between memory
@@ -58,9 +59,11 @@ def child(variant: str, model: str, width: float, batch: int, steps: int, trials
     import torch
     import torch.nn.functional as F
 
+    from fedslim.config import OptimizerConfig
     from fedslim.engine.backends import ModelBuffers
+    from fedslim.engine.flat import flat_parameters, flat_step
     from fedslim.engine.host import tune_malloc
-    from fedslim.engine.task import ModelSpec
+    from fedslim.engine.task import LocalTrain, ModelSpec
 
     torch.set_num_threads(1)
     tuned = variant == "tuned"
@@ -69,14 +72,22 @@ def child(variant: str, model: str, width: float, batch: int, steps: int, trials
     torch.manual_seed(0)
     spec = ModelSpec.make(model, 10, (1, 28, 28), width=width)
     m = ModelBuffers("cpu", channels_last=True).get(spec) if tuned else spec.build()
-    opt = torch.optim.Adam(m.parameters(), lr=1e-3, fused=True if tuned else None)
+    flat = flat_parameters(m) if tuned else None  # as train_model does
+    if flat is not None:
+        opt: Any = flat_step(flat.param, LocalTrain(1, batch, OptimizerConfig(name="adam", lr=1e-3), 1e-3))
+        zero_grad = flat.zero_grad
+    else:
+        opt = torch.optim.Adam(m.parameters(), lr=1e-3, fused=True if tuned else None)
+
+        def zero_grad() -> None:
+            opt.zero_grad(set_to_none=True)
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(1200, 1, 28, 28, generator=g), torch.randint(0, 10, (1200,), generator=g)
 
     def step() -> None:
         idx = torch.randint(0, len(y), (batch,), generator=g)
         loss = F.cross_entropy(m(x[idx]), y[idx])
-        opt.zero_grad(set_to_none=True)
+        zero_grad()
         loss.backward()
         opt.step()
 
