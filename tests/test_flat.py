@@ -163,3 +163,32 @@ def test_the_direct_step_is_torch_optims_fused_step_bit_for_bit(name, momentum, 
         ref.step()
         assert torch.equal(mine.data, theirs.data)
     assert not torch.equal(mine.data, start)
+
+
+def test_a_flattened_model_still_trains_under_a_plain_optimizer():
+    # Another optimizer over model.parameters() that sets gradients to None: the padded convolutions
+    # must then send their gradients to the real weights it steps (the forward pads them again).
+    model = _buffer()
+    flat_parameters(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    first = _padded(model)[0]
+    before = first.weight.detach().clone()
+    x = torch.randn(8, 1, 28, 28).contiguous(memory_format=torch.channels_last)
+    for _ in range(2):
+        opt.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(model(x), torch.arange(8)).backward()
+        assert first.weight.grad is not None and first.weight.grad.abs().sum() > 0
+        opt.step()
+    assert not torch.equal(first.weight, before)
+
+
+def test_a_parameter_frozen_after_flattening_stays_frozen():
+    store, task = _client()
+    model = _buffer()
+    train_model(model, task, store.get(0, "train"))  # flattened now
+    model.classifier.weight.requires_grad_(False)
+    frozen, trained = model.classifier.weight.detach().clone(), _padded(model)[0].weight.detach().clone()
+    assert flat_parameters(model) is None
+    train_model(model, task, store.get(0, "train"))
+    assert torch.equal(model.classifier.weight, frozen)
+    assert not torch.equal(_padded(model)[0].weight, trained)

@@ -26,7 +26,10 @@ Gradients accumulate into the flat tensor (``zero_grad`` zeroes it; it must not 
 :func:`flat_parameters` re-attaches them at the start of every client update, so that a procedure
 that did set them to None on the same buffer cannot make a later update train on zeros, and checks
 that the views still alias the flat tensor (a deep copy or ``.to()`` of the model breaks them, and
-the model is then flattened again).
+the model is then flattened again). A model with a parameter frozen since trains per tensor, and a
+padded convolution uses its stored padding only while its weight's gradient is a view of the flat
+one: other code that steps ``model.parameters()`` with its own optimizer and sets gradients to None
+still trains every weight.
 """
 
 from __future__ import annotations
@@ -140,12 +143,12 @@ def flattenable(model: nn.Module) -> bool:
 def flat_parameters(model: nn.Module) -> FlatParameters | None:
     """The model's :class:`FlatParameters`, made on first use and re-attached on every later one;
     None where the model cannot be flattened (see :func:`flattenable`): it then trains per tensor."""
+    if not flattenable(model):  # checked every time: a parameter may have been frozen since
+        return None
     flat = getattr(model, FLAT_ATTR, None)
     if isinstance(flat, FlatParameters) and flat.aliases(model):
         flat.attach()
         return flat
-    if not flattenable(model):
-        return None
     flat = FlatParameters(model)
     setattr(model, FLAT_ATTR, flat)
     return flat

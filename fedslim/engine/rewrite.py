@@ -99,15 +99,22 @@ class ChannelPaddedConv2d(nn.Conv2d):
     pad_in: int
     padded_layout: torch.memory_format
     # Set by fedslim.engine.flat: the padded weight (and bias) stored as such, of which the module's
-    # own parameters are views; used while they still are (a deep copy of the module is not).
+    # own parameters and their gradients are views.
     full_weight: torch.Tensor | None = None
     full_bias: torch.Tensor | None = None
 
+    def _stored(self, real: torch.Tensor | None, full: torch.Tensor | None) -> bool:
+        """Whether ``real`` and its gradient are still views of ``full`` and its gradient. A deep copy
+        or ``.to()`` of the module breaks the first, an optimizer's ``zero_grad(set_to_none=True)`` the
+        second; the gradient would then land where that optimizer does not look, so the forward pads
+        the real weight instead."""
+        return (real is not None and full is not None and real.grad is not None and full.grad is not None
+                and real.data_ptr() == full.data_ptr() and real.grad.data_ptr() == full.grad.data_ptr())
+
     def _conv_forward(self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        full_w, full_b = self.full_weight, self.full_bias
-        if (full_w is not None and full_w.data_ptr() == weight.data_ptr()
-                and (full_b is None or (bias is not None and full_b.data_ptr() == bias.data_ptr()))):
-            return super()._conv_forward(input, full_w, bias if full_b is None else full_b)
+        if self._stored(weight, self.full_weight) and (self.full_bias is None or self._stored(bias, self.full_bias)):
+            assert self.full_weight is not None
+            return super()._conv_forward(input, self.full_weight, bias if self.full_bias is None else self.full_bias)
         if self.pad_in:
             weight = F.pad(weight, (0, 0, 0, 0, 0, self.pad_in))
         if self.pad_out:
