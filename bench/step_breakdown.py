@@ -29,6 +29,7 @@ import subprocess
 import sys
 import time
 from collections import defaultdict
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +62,7 @@ def child(variant: str, model: str, width: float, batch: int, steps: int, trials
 
     from fedslim.config import OptimizerConfig
     from fedslim.engine.backends import ModelBuffers
-    from fedslim.engine.flat import flat_parameters, flat_step
+    from fedslim.engine.client import local_optimizer
     from fedslim.engine.host import tune_malloc
     from fedslim.engine.task import LocalTrain, ModelSpec
 
@@ -72,15 +73,11 @@ def child(variant: str, model: str, width: float, batch: int, steps: int, trials
     torch.manual_seed(0)
     spec = ModelSpec.make(model, 10, (1, 28, 28), width=width)
     m = ModelBuffers("cpu", channels_last=True).get(spec) if tuned else spec.build()
-    flat = flat_parameters(m) if tuned else None  # as train_model does
-    if flat is not None:
-        opt: Any = flat_step(flat.param, LocalTrain(1, batch, OptimizerConfig(name="adam", lr=1e-3), 1e-3))
-        zero_grad = flat.zero_grad
+    if tuned:  # the engine's own step
+        _, opt, zero_grad = local_optimizer(m, LocalTrain(1, batch, OptimizerConfig(name="adam", lr=1e-3), 1e-3))
     else:
-        opt = torch.optim.Adam(m.parameters(), lr=1e-3, fused=True if tuned else None)
-
-        def zero_grad() -> None:
-            opt.zero_grad(set_to_none=True)
+        opt = torch.optim.Adam(m.parameters(), lr=1e-3)
+        zero_grad = partial(opt.zero_grad, set_to_none=True)
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(1200, 1, 28, 28, generator=g), torch.randint(0, 10, (1200,), generator=g)
 

@@ -33,6 +33,7 @@ import statistics
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +52,7 @@ def measure(malloc: bool, model: str, width: float, pad_to: int, trials: int,
     import torch.nn.functional as F
 
     from fedslim.config import OptimizerConfig
-    from fedslim.engine.flat import flat_parameters, flat_step
+    from fedslim.engine.client import local_optimizer
     from fedslim.engine.host import tune_malloc
     from fedslim.engine.rewrite import pad_narrow_channels, pool_before_activation
     from fedslim.engine.task import LocalTrain
@@ -74,15 +75,11 @@ def measure(malloc: bool, model: str, width: float, pad_to: int, trials: int,
         if "padded" in variant:
             pad_narrow_channels(m, pad_to, channels_last=cl)
         fused = "fused" in variant or variant.startswith("all")
-        flat = flat_parameters(m) if "flat" in variant else None
-        if flat is not None:
-            opt: Any = flat_step(flat.param, LocalTrain(1, 64, OptimizerConfig(name="adam", lr=1e-3), 1e-3))
-            zero_grad = flat.zero_grad
+        if "flat" in variant:  # the engine's own step
+            _, opt, zero_grad = local_optimizer(m, LocalTrain(1, 64, OptimizerConfig(name="adam", lr=1e-3), 1e-3))
         else:
             opt = torch.optim.Adam(m.parameters(), lr=1e-3, fused=True if fused else None)
-
-            def zero_grad() -> None:
-                opt.zero_grad(set_to_none=True)
+            zero_grad = partial(opt.zero_grad, set_to_none=True)
         gen = torch.Generator().manual_seed(1)
         forward = torch.compile(m) if "compiled" in variant else m
 

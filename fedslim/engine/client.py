@@ -8,6 +8,7 @@ all randomness comes from ``task.seed``. Algorithms add procedures with
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +36,19 @@ def build_optimizer(params: list[nn.Parameter], train: LocalTrain) -> torch.opti
     if o.name == "adam":
         return torch.optim.Adam(params, lr=train.lr, betas=o.betas, weight_decay=o.weight_decay, fused=fused)
     raise ValueError(f"train.optimizer.name: unknown optimizer {o.name!r}")
+
+
+def local_optimizer(model: nn.Module, train: LocalTrain) -> tuple[
+        list[torch.Tensor], torch.optim.Optimizer | FlatStep, Callable[[], None]]:
+    """What a client update steps ``model`` with: the tensors to clip, the optimizer, and the
+    ``zero_grad`` to call before each backward. One flat tensor where the model allows it
+    (:mod:`fedslim.engine.flat`), else torch.optim over the trainable parameters."""
+    flat = flat_parameters(model)
+    if flat is not None:
+        return [flat.param], flat_step(flat.param, train), flat.zero_grad
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = build_optimizer(params, train)
+    return params, opt, functools.partial(opt.zero_grad, set_to_none=True)
 
 
 def augment_batch(x: torch.Tensor, mode: str, gen: torch.Generator) -> torch.Tensor:
@@ -98,15 +112,7 @@ def train_model(model: nn.Module, task: ClientTask, data: TensorData) -> tuple[i
     torch.manual_seed(task.seed)  # dropout draws from the global generator; pin it to this task
     dev = next(model.parameters()).device
     model.train()
-    flat = flat_parameters(model)
-    if flat is not None:
-        params = [flat.param]
-        opt: torch.optim.Optimizer | FlatStep = flat_step(flat.param, tr)
-        zero_grad = flat.zero_grad
-    else:
-        params = [p for p in model.parameters() if p.requires_grad]
-        opt = build_optimizer(params, tr)
-        zero_grad = functools.partial(opt.zero_grad, set_to_none=True)
+    params, opt, zero_grad = local_optimizer(model, tr)
     masks = {k: m.to(dev) for k, m in task.param_masks.items()} if task.param_masks else None
     named = dict(model.named_parameters())
     steps, seen, loss_sum = 0, 0, torch.zeros((), device=dev)
