@@ -370,6 +370,7 @@ def test_allocation_failures_reported_as_runtime_errors_count_as_out_of_memory(
         cpu_refusal: BaseException = e
     assert out_of_memory(cpu_refusal)
     assert out_of_memory(RuntimeError("cuDNN error: CUDNN_STATUS_ALLOC_FAILED"))
+    assert out_of_memory(RuntimeError("CUDA error: out of memory\nCUDA kernel errors might be asynchronously reported"))
     assert not out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
 
     store = make_store()

@@ -93,3 +93,38 @@ def test_batches_fold_a_final_single_sample_into_the_previous_batch(n: int, bs: 
     assert [len(b) for b in out] == sizes
     # Every sample exactly once: the fold must not drop or duplicate a batch.
     assert sorted(torch.cat(out).tolist()) == list(range(n))
+
+
+@pytest.mark.parametrize("mode", ["none", "flip", "crop_flip"])
+def test_epoch_schedule_draws_in_the_order_of_a_step_by_step_update(mode: str) -> None:
+    from fedslim.config import OptimizerConfig
+    from fedslim.engine.client import _packed_to, epoch_schedule
+    from fedslim.engine.task import LocalTrain
+
+    tr = LocalTrain(2, 16, OptimizerConfig(name="sgd", lr=0.1), 0.1, augment=mode)
+    gen = torch.Generator().manual_seed(5)
+    got = epoch_schedule(50, tr, gen, image=True) + epoch_schedule(50, tr, gen, image=True)
+    # The draws a step-by-step loop makes: each epoch's permutation, then per batch a flip per
+    # sample and (crop_flip) row and column offsets.
+    ref_gen = torch.Generator().manual_seed(5)
+    ref = []
+    for _ in range(2):
+        perm = torch.randperm(50, generator=ref_gen)
+        for i in range(0, 50, 16):
+            idx = perm[i:i + 16]
+            draws: tuple[torch.Tensor, ...] = ()
+            if mode != "none":
+                draws = (torch.rand(len(idx), generator=ref_gen) < 0.5,)
+            if mode == "crop_flip":
+                draws += (torch.randint(0, 9, (len(idx),), generator=ref_gen),
+                          torch.randint(0, 9, (len(idx),), generator=ref_gen))
+            ref.append((idx, draws))
+    # The packed copy (what a GPU update receives) keeps every value and dtype.
+    for sched in (got, _packed_to(got, "cpu")):
+        assert len(sched) == len(ref) == 8
+        for (idx, draws), (ridx, rdraws) in zip(sched, ref, strict=True):
+            assert torch.equal(idx, ridx)
+            assert len(draws) == len(rdraws)
+            for d, r in zip(draws, rdraws, strict=True):
+                assert d.dtype == r.dtype and torch.equal(d, r)
+    assert all(draws == () for _, draws in epoch_schedule(50, tr, gen, image=False))

@@ -51,27 +51,42 @@ def local_optimizer(model: nn.Module, train: LocalTrain) -> tuple[
     return params, opt, functools.partial(opt.zero_grad, set_to_none=True)
 
 
-def augment_batch(x: torch.Tensor, mode: str, gen: torch.Generator) -> torch.Tensor:
-    """Batched random horizontal flip (and 4-pixel-padded random crop), drawn from ``gen`` only.
+def augment_draws(n: int, mode: str, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
+    """The random draws of one batch's augmentation, from ``gen`` on the CPU: a flip flag per sample,
+    and for ``crop_flip`` a row and a column offset into the 4-pixel-padded image. Drawn on the CPU
+    because a CUDA tensor cannot be drawn from a CPU generator, and so every device and backend gets
+    the same augmentation."""
+    if mode == "none":
+        return ()
+    draws: tuple[torch.Tensor, ...] = (torch.rand(n, generator=gen) < 0.5,)
+    if mode == "crop_flip":
+        draws += (torch.randint(0, 9, (n,), generator=gen), torch.randint(0, 9, (n,), generator=gen))
+    return draws
 
-    ``gen`` is a CPU generator and the draws are made on the CPU, then moved: a CUDA tensor cannot
-    be drawn from a CPU generator, and drawing on the CPU gives the same augmentation on every device
-    (the vectorized backend draws the same values the same way)."""
-    if mode == "none" or x.dim() != 4:
-        return x
+
+def augment_with(x: torch.Tensor, mode: str, flip: torch.Tensor, dy: torch.Tensor | None = None,
+                 dx: torch.Tensor | None = None) -> torch.Tensor:
+    """Batched random horizontal flip (and 4-pixel-padded random crop) of ``x`` (N, C, H, W), with the
+    draws of :func:`augment_draws` given."""
     n, _, h, w = x.shape
-    flip = (torch.rand(n, generator=gen) < 0.5).to(x.device)
     x = torch.where(flip[:, None, None, None], x.flip(3), x)
     if mode == "crop_flip":
+        assert dy is not None and dx is not None
         pad = 4
         xp = F.pad(x, (pad, pad, pad, pad))
-        dy = torch.randint(0, 2 * pad + 1, (n,), generator=gen).to(x.device)
-        dx = torch.randint(0, 2 * pad + 1, (n,), generator=gen).to(x.device)
-        rows = (dy[:, None] + torch.arange(h, device=x.device)[None, :])  # n, h
-        cols = (dx[:, None] + torch.arange(w, device=x.device)[None, :])  # n, w
-        x = xp[torch.arange(n, device=x.device)[:, None, None, None], torch.arange(x.shape[1], device=x.device)[
-            None, :, None, None], rows[:, None, :, None], cols[:, None, None, :]]
+        rows = dy[:, None] + torch.arange(h, device=x.device)[None, :]  # n, h
+        cols = dx[:, None] + torch.arange(w, device=x.device)[None, :]  # n, w
+        x = xp[torch.arange(n, device=x.device)[:, None, None, None],
+               torch.arange(x.shape[1], device=x.device)[None, :, None, None],
+               rows[:, None, :, None], cols[:, None, None, :]]
     return x
+
+
+def augment_batch(x: torch.Tensor, mode: str, gen: torch.Generator) -> torch.Tensor:
+    """:func:`augment_with` on draws made now from ``gen``; images (4-d batches) only."""
+    if mode == "none" or x.dim() != 4:
+        return x
+    return augment_with(x, mode, *(d.to(x.device) for d in augment_draws(len(x), mode, gen)))
 
 
 def masked_logits(logits: torch.Tensor, label_mask: torch.Tensor | None) -> torch.Tensor:
@@ -91,15 +106,43 @@ def load_state(model: nn.Module, state: State) -> None:
         raise ValueError(f"client model and payload disagree: missing {missing[:3]}, unexpected {unexpected[:3]}")
 
 
-def _batches(n: int, batch_size: int, gen: torch.Generator, device: torch.device | str = "cpu") -> list[torch.Tensor]:
-    # Drawn on the CPU (the same order on every device), then moved once per epoch: moving each
-    # batch's indices to a GPU would wait for the GPU to finish the previous step every time.
-    perm = torch.randperm(n, generator=gen).to(device)
+def _batches(n: int, batch_size: int, gen: torch.Generator) -> list[torch.Tensor]:
+    perm = torch.randperm(n, generator=gen)
     out = [perm[i:i + batch_size] for i in range(0, n, batch_size)]
     # A final batch of one sample breaks BatchNorm in training mode; fold it into the previous one.
     if len(out) > 1 and len(out[-1]) == 1:
         last = out.pop()  # pop first: `out[-2] = cat([out[-2], out.pop()])` would overwrite the wrong batch
         out[-1] = torch.cat([out[-1], last])
+    return out
+
+
+Schedule = list[tuple[torch.Tensor, tuple[torch.Tensor, ...]]]
+
+
+def epoch_schedule(n: int, train: LocalTrain, gen: torch.Generator, image: bool) -> Schedule:
+    """One local epoch on ``n`` samples: each batch's sample indices and its augmentation draws (none
+    unless ``image``), drawn from ``gen`` on the CPU in the order a client update takes them."""
+    mode = train.augment if image else "none"
+    return [(idx, augment_draws(len(idx), mode, gen)) for idx in _batches(n, train.batch_size, gen)]
+
+
+def schedule_to(schedule: Schedule, device: torch.device | str) -> Schedule:
+    """``schedule`` on ``device``, in one copy: copying each step's indices to a GPU on its own would
+    make the host wait for the previous step to finish every time."""
+    if torch.device(device).type == "cpu" or not schedule:
+        return schedule
+    return _packed_to(schedule, device)
+
+
+def _packed_to(schedule: Schedule, device: torch.device | str) -> Schedule:
+    pieces = [t.long() for idx, draws in schedule for t in (idx, *draws)]
+    moved = torch.cat(pieces).to(device).split([len(t) for t in pieces])
+    out: Schedule = []
+    k = 0
+    for _, draws in schedule:
+        got = moved[k:k + 1 + len(draws)]
+        k += 1 + len(draws)
+        out.append((got[0], tuple(g.to(d.dtype) for g, d in zip(got[1:], draws, strict=True))))
     return out
 
 
@@ -119,12 +162,15 @@ def train_model(model: nn.Module, task: ClientTask, data: TensorData) -> tuple[i
     n = len(data)
     if n == 0:
         return 0, 0.0, 0
+    image = data.x.dim() == 4
+    label_mask = task.label_mask.to(dev) if task.label_mask is not None else None
     done = False
     for _ in range(tr.epochs):
-        for idx in _batches(n, tr.batch_size, gen, data.x.device):
+        for idx, draws in schedule_to(epoch_schedule(n, tr, gen, image), data.x.device):
             xb, yb = data.x[idx], data.y[idx]
-            xb = augment_batch(xb, tr.augment, gen)
-            out = masked_logits(model(xb), task.label_mask)
+            if draws:
+                xb = augment_with(xb, tr.augment, *draws)
+            out = masked_logits(model(xb), label_mask)
             loss = F.cross_entropy(out, yb)
             zero_grad()
             loss.backward()

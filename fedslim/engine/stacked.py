@@ -73,6 +73,7 @@ class ClientRng:
     def __init__(self, device: torch.device | str, seeds: list[int]):
         dev = torch.device(device)
         if dev.type == "cuda":
+            torch.cuda.init()  # default_generators stays empty until CUDA has started in this process
             index = dev.index if dev.index is not None else torch.cuda.current_device()
             self.gen = torch.cuda.default_generators[index]
         elif dev.type == "cpu":

@@ -51,7 +51,7 @@ from torch.optim.adam import adam
 
 from fedslim.engine import process_backend
 from fedslim.engine.backends import ModelBuffers, SerialBackend
-from fedslim.engine.client import _batches, _fusable
+from fedslim.engine.client import Schedule, _fusable, augment_with, epoch_schedule
 from fedslim.engine.memory import available_bytes, client_bytes
 from fedslim.engine.process_backend import ProcessBackend, fork_available
 from fedslim.engine.stacked import (
@@ -181,47 +181,24 @@ class _Schedule:
     dx: Tensor | None = None
 
 
-def client_schedule(task: ClientTask, n: int, image: bool) -> list[tuple[Tensor, tuple[Tensor, ...]]]:
+def client_schedule(task: ClientTask, n: int, image: bool) -> Schedule:
     """The batches (and augmentation draws) ``train_model`` would take for ``task`` on n samples,
-    drawn from a generator seeded the same way, in the same order."""
+    drawn from a generator seeded the same way, in the same order (on the CPU)."""
     tr = task.train
     assert tr is not None
     gen = torch.Generator()
     gen.manual_seed(task.seed)
-    out: list[tuple[Tensor, tuple[Tensor, ...]]] = []
+    out: Schedule = []
     for _ in range(tr.epochs):
-        for idx in _batches(n, tr.batch_size, gen):
-            draws: tuple[Tensor, ...] = ()
-            if tr.augment != "none" and image:
-                m = len(idx)
-                draws = (torch.rand(m, generator=gen) < 0.5,)
-                if tr.augment == "crop_flip":
-                    draws += (torch.randint(0, 9, (m,), generator=gen), torch.randint(0, 9, (m,), generator=gen))
-            out.append((idx, draws))
-            if tr.max_steps is not None and len(out) >= tr.max_steps:
-                return out
+        out += epoch_schedule(n, tr, gen, image)
+        if tr.max_steps is not None and len(out) >= tr.max_steps:
+            return out[:tr.max_steps]
     return out
 
 
-def augment_with(x: Tensor, mode: str, flip: Tensor, dy: Tensor | None, dx: Tensor | None) -> Tensor:
-    """``fedslim.engine.client.augment_batch`` with its random draws given (same ops, same values)."""
-    n, _, h, w = x.shape
-    x = torch.where(flip[:, None, None, None], x.flip(3), x)
-    if mode == "crop_flip":
-        assert dy is not None and dx is not None
-        pad = 4
-        xp = F.pad(x, (pad, pad, pad, pad))
-        rows = dy[:, None] + torch.arange(h, device=x.device)[None, :]
-        cols = dx[:, None] + torch.arange(w, device=x.device)[None, :]
-        x = xp[torch.arange(n, device=x.device)[:, None, None, None],
-               torch.arange(x.shape[1], device=x.device)[None, :, None, None],
-               rows[:, None, :, None], cols[:, None, None, :]]
-    return x
-
-
 # Failed allocations that reach Python as a plain RuntimeError: cuDNN's and cuBLAS's own workspace
-# allocations on a GPU, and the CPU allocator.
-_OOM_MESSAGES = ("CUDNN_STATUS_ALLOC_FAILED", "CUBLAS_STATUS_ALLOC_FAILED",
+# allocations on a GPU, CUDA's own (outside torch's caching allocator), and the CPU allocator.
+_OOM_MESSAGES = ("CUDNN_STATUS_ALLOC_FAILED", "CUBLAS_STATUS_ALLOC_FAILED", "CUDA error: out of memory",
                  "DefaultCPUAllocator: can't allocate memory")
 
 
