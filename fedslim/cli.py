@@ -139,7 +139,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(f"fedslim: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("fedslim: interrupted; the last checkpoint is kept (continue with --resume)", file=sys.stderr)
+        print("fedslim: interrupted; a run continues from its last checkpoint with --resume (one stopped "
+              "before its first checkpoint starts over when run again)", file=sys.stderr)
         return 130
     except Exception as e:
         from fedslim.data.formats import DataError

@@ -137,11 +137,16 @@ class EvalConfig(Strict):
     topk: int = Field(5, ge=1)
 
 
+# More torch threads than any machine here has cores only slows a run down; far more fails in the OS.
+MAX_THREADS = 1024
+
+
 class EngineConfig(Strict):
     backend: str = Field("auto", description="auto (vectorized on CUDA, process pool on a multi-core CPU, else serial) "
                          "| serial | process | vectorized | ray")
     device: Literal["cpu", "cuda", "auto"] = Field("auto", description="auto: cuda when available, else cpu")
-    threads: int | None = Field(None, ge=1, description="torch intra-op threads")
+    # strict: YAML's `true` would otherwise pass as 1 thread.
+    threads: int | None = Field(None, ge=1, le=MAX_THREADS, strict=True, description="torch intra-op threads")
     memory_format: Literal["auto", "channels_last", "contiguous"] = Field(
         "auto", description="layout of image models and batches; auto: channels_last on CPU, contiguous on CUDA")
     tune_malloc: bool = Field(True, description="keep freed heap memory in the process (glibc) instead of "
@@ -157,6 +162,15 @@ class EngineConfig(Strict):
         "says fit in 80% of the device's free memory (a group that still runs out of it is retried in halves)"))
     checkpoint_every: int = Field(1, ge=1)
     progress: bool = True
+
+    @field_validator("backend", mode="before")
+    @classmethod
+    def _backend_is_a_name(cls, v: Any) -> Any:
+        if not isinstance(v, str) or not v.strip():
+            from fedslim import plugins
+
+            raise ValueError(f"must be one of: {', '.join(plugins.BACKENDS.names())}")
+        return v
 
     @model_validator(mode="after")
     def _settings_need_their_backend(self) -> EngineConfig:
@@ -230,6 +244,10 @@ def format_validation_error(err: ValidationError, root: type[BaseModel] = RunCon
         allowed = f"; valid keys here: {', '.join(valid)}" if valid else ""
         return f"{field}: unknown key{hint}{allowed}"
     msg = e["msg"]
+    if e["type"] == "value_error":
+        msg = msg.removeprefix("Value error, ")
+        if msg.startswith(f"{field}."):  # a model validator's message that names its own field
+            return msg
     if e["type"] == "literal_error":
         msg = msg.replace("Input should be", "must be one of")
     got = e.get("input")

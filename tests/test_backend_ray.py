@@ -141,3 +141,38 @@ def test_missing_ray_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setitem(sys.modules, "ray", None)
     with pytest.raises(ImportError, match=r"pip install 'fedslim\[ray\]'"):
         import_ray()
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("workers,threads", [(3, 1), (None, 4)])
+def test_workers_the_cluster_cannot_place_are_refused_not_waited_for(
+        ray_cluster: object, toy_tasks: tuple[Any, list[ClientTask]], workers: int | None, threads: int) -> None:
+    from fedslim.engine.run import RunError
+
+    store, _ = toy_tasks
+    with pytest.raises(RunError, match=r"engine.ray_workers=\d+ x engine.threads=\d+ needs \d+ CPUs, and the "
+                                       r"Ray cluster has 2"):
+        RayBackend(store, workers=workers, threads=threads)
+
+
+def test_an_address_where_nothing_listens_is_refused_in_seconds() -> None:
+    import socket
+    import time
+
+    from fedslim.engine.ray_backend import check_address
+    from fedslim.engine.run import RunError
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again below: nothing listens there
+    t = time.perf_counter()
+    with pytest.raises(RunError, match=f"engine.ray_address: nothing answers at 127.0.0.1:{port}"):
+        check_address(f"127.0.0.1:{port}")
+    assert time.perf_counter() - t < 5
+    for bad in ("nonsense", "host:", ":6379", "ray://host:port"):
+        with pytest.raises(RunError, match="is not host:port"):
+            check_address(bad)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        check_address(f"127.0.0.1:{s.getsockname()[1]}")  # something answers: left to ray.init

@@ -27,6 +27,11 @@ def test_defaults_validate() -> None:
         ({"engine": {"backend": "serial", "ray_workers": 2}}, "engine.ray_workers is used only by"),
         ({"engine": {"backend": "process", "max_group": 4}}, "engine.max_group is used only by engine.backend: "
                                                              "vectorized or auto"),
+        ({"engine": {"backend": None}}, "engine.backend: must be one of: auto, process, ray, serial, vectorized"),
+        ({"engine": {"backend": {"name": "serial"}}}, "engine.backend: must be one of"),
+        ({"engine": {"threads": True}}, "engine.threads"),
+        ({"engine": {"threads": 5000}}, "engine.threads: Input should be less than or equal to 1024"),
+        ({"engine": {"threads": 10**20}}, "engine.threads"),
     ],
 )
 def test_bad_configs_are_one_line_and_name_the_field(raw: dict, expected: str) -> None:
@@ -35,6 +40,7 @@ def test_bad_configs_are_one_line_and_name_the_field(raw: dict, expected: str) -
     msg = str(ei.value)
     assert expected in msg
     assert "\n" not in msg
+    assert "Value error" not in msg  # pydantic's own prefix for a validator's message
 
 
 def test_ray_settings_with_the_ray_backend_validate() -> None:

@@ -146,3 +146,65 @@ def test_list_names_everything(capsys) -> None:
     out = capsys.readouterr().out
     for name in ("digits", "mnist", "cifar10", "dirichlet", "pathological", "lenet5", "preresnet18", "fedavg"):
         assert name in out
+
+
+def test_a_run_stopped_before_its_first_checkpoint_starts_over(tmp_path: Path, tiny_cfg: dict, capsys,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    p = _write(tmp_path, tiny_cfg)
+    run = Path(tiny_cfg["output_dir"]) / "tiny"
+
+    def interrupted(self: Runner, *a: object, **k: object) -> None:
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(Runner, "_evaluate", interrupted)  # in round 1, before anything is saved
+        assert main(["run", str(p), "-q"]) == 130
+    assert "starts over when run again" in capsys.readouterr().err
+    assert not (run / "checkpoint.pt").exists() and (run / "config.yaml").exists()
+    # Nothing to resume ...
+    assert main(["run", str(p), "-q", "--resume"]) == 2
+    assert "no checkpoint" in capsys.readouterr().err
+    # ... and a plain run starts it over instead of refusing the folder.
+    assert main(["run", str(p), "-q"]) == 0
+    assert (run / "checkpoint.pt").exists() and (run / "summary.json").exists()
+    # A folder holding results is still refused, even with no checkpoint to resume from.
+    (run / "checkpoint.pt").unlink()
+    before = (run / "metrics.jsonl").read_bytes()
+    assert main(["run", str(p), "-q"]) == 2
+    assert "no checkpoint to resume from" in capsys.readouterr().err
+    assert (run / "metrics.jsonl").read_bytes() == before
+
+
+def test_an_output_dir_that_is_a_file_is_refused_before_loading(tmp_path: Path, tiny_cfg: dict, capsys) -> None:
+    blocker = tmp_path / "afile"
+    blocker.write_text("mine")
+    tiny_cfg["output_dir"] = str(blocker)
+    assert main(["run", str(_write(tmp_path, tiny_cfg)), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "output_dir" in err and "is a file" in err and "Traceback" not in err
+    assert blocker.read_text() == "mine"
+
+
+def test_resume_without_the_run_config_is_a_one_line_error(tmp_path: Path, tiny_cfg: dict, capsys) -> None:
+    p = _write(tmp_path, tiny_cfg)
+    assert main(["run", str(p), "-q"]) == 0
+    run = Path(tiny_cfg["output_dir"]) / "tiny"
+    (run / "config.yaml").unlink()
+    before = (run / "checkpoint.pt").read_bytes()
+    assert main(["run", str(p), "-q", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "config.yaml is missing or unreadable" in err
+    assert (run / "checkpoint.pt").read_bytes() == before
+
+
+def test_run_files_get_the_mode_of_a_plain_write(tmp_path: Path, tiny_cfg: dict) -> None:
+    import os
+
+    old = os.umask(0o022)
+    try:
+        Runner(validate(tiny_cfg)).run()
+    finally:
+        os.umask(old)
+    run = Path(tiny_cfg["output_dir"]) / "tiny"
+    for f in ("config.yaml", "metrics.jsonl", "checkpoint.pt", "summary.json"):
+        assert (run / f).stat().st_mode & 0o777 == 0o644, f

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
 import warnings
 from collections import deque
 from typing import Any
@@ -112,6 +113,29 @@ class RayWorker:
         return key, proc(task, data, self.buffers.get(task.spec))
 
 
+def _run_error(message: str) -> Exception:
+    from fedslim.engine.run import RunError  # run imports the backends
+
+    return RunError(message)
+
+
+def check_address(address: str, timeout_s: float = 5.0) -> None:
+    """Refuse an ``engine.ray_address`` that is malformed or where nothing listens, in seconds: Ray's
+    own ``init`` retries an unreachable address for minutes. ``auto`` (the cluster this machine
+    joined) is left to ``ray.init``."""
+    if address == "auto":
+        return
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise _run_error(f"engine.ray_address: {address!r} is not host:port, ray://host:port or auto")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        raise _run_error(f"engine.ray_address: nothing answers at {host}:{port} ({e.strerror or e}); start a "
+                         f"cluster there (ray start --head --port {port}), or leave engine.ray_address unset "
+                         f"for a local one") from None
+
+
 def _shippable(task: ClientTask) -> ClientTask:
     """The task without its state (sent once per round as an object ref) and codec (driver-side)."""
     extras = {k: v for k, v in task.extras.items()}
@@ -143,13 +167,29 @@ class RayBackend:
                 ray.init(address="local", include_dashboard=False, log_to_driver=False,
                          _node_ip_address="127.0.0.1", logging_level=logging.WARNING)
             else:
-                ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+                check_address(address)
+                try:
+                    ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+                except (ConnectionError, ValueError, RuntimeError) as e:
+                    raise _run_error(f"engine.ray_address: no Ray cluster at {address!r} "
+                                     f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
             self._owns_ray = True
+        resources = ray.cluster_resources()
+        cpus = int(resources.get("CPU", 0))
         if workers is None:
-            cpus = int(ray.cluster_resources().get("CPU", 1))
             workers = max(1, cpus // self.threads)
+        # Actors the cluster cannot place would wait for CPUs forever, and the round with them.
+        if workers * self.threads > cpus:
+            self._give_up_ray()
+            raise _run_error(f"engine.ray_workers={workers} x engine.threads={self.threads} needs "
+                             f"{workers * self.threads} CPUs, and the Ray cluster has {cpus}; lower either one "
+                             f"(unset, ray_workers fills the cluster)")
         opts: dict[str, Any] = {"num_cpus": self.threads}
         if device.startswith("cuda"):
+            if resources.get("GPU", 0) <= 0:
+                self._give_up_ray()
+                raise _run_error("engine.device: cuda, but the Ray cluster has no GPU; use engine.device=cpu "
+                                 "or a cluster started with GPUs")
             opts["num_gpus"] = 1 / workers
         self._actor_cls = ray.remote(**opts)(RayWorker)
         self._payload = ray.put(_store_payload(store))
@@ -234,6 +274,11 @@ class RayBackend:
         with contextlib.suppress(Exception):  # already gone
             self.ray.kill(self._workers[slot], no_restart=True)
         self._workers[slot] = self._spawn()
+
+    def _give_up_ray(self) -> None:
+        if self._owns_ray and self.ray.is_initialized():
+            self.ray.shutdown()
+            self._owns_ray = False
 
     def close(self) -> None:
         ray = self.ray

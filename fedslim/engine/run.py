@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -39,6 +40,10 @@ from fedslim.results import (
 from fedslim.rng import np_gen, torch_gen
 
 CHECKPOINT_VERSION = 1
+
+
+# What a run writes before its first round: a folder holding only these has nothing to resume.
+START_FILES = frozenset({CONFIG_FILE, "partition.txt", "partition.png"})
 
 
 class RunError(RuntimeError):
@@ -129,17 +134,34 @@ class Runner:
 
     # ------------------------------------------------------------------ set-up
     def _check_run_dir(self) -> None:
+        for d in (self.run_dir, *self.run_dir.parents):
+            if d.exists() and not d.is_dir():
+                raise RunError(f"output_dir: {d} is a file, not a folder; choose another output_dir or name "
+                               f"(the run would go to {self.run_dir})")
         ckpt = self.run_dir / CHECKPOINT_FILE
         if self.resume:
             if not ckpt.exists():
                 raise RunError(f"--resume: no checkpoint in {self.run_dir} (nothing to resume)")
-            old = yaml.safe_load((self.run_dir / CONFIG_FILE).read_text())
-            saved = RunConfig.model_validate(old)
+            cfg_file = self.run_dir / CONFIG_FILE
+            try:
+                old = yaml.safe_load(cfg_file.read_text())
+                saved = RunConfig.model_validate(old)
+            except (OSError, yaml.YAMLError, ValueError) as e:
+                raise RunError(f"--resume: {cfg_file} is missing or unreadable, so the checkpoint cannot be "
+                               f"matched to its config ({type(e).__name__})") from None
             diffs = _diff(_comparable(saved), _comparable(self.cfg))
             if diffs:
                 raise RunError(f"--resume: the checkpoint in {self.run_dir} is from another config: {diffs[0]}"
                                + (f" (+{len(diffs) - 1} more)" if len(diffs) > 1 else ""))
         elif self.run_dir.exists() and any(self.run_dir.iterdir()):
+            names = {f.name for f in self.run_dir.iterdir()}
+            if all(n in START_FILES or (n.startswith(".") and n.endswith(".tmp")) for n in names):
+                # Stopped before its first checkpoint: nothing to resume and nothing lost by starting over.
+                self._say(f"starting over in {self.run_dir} (its run stopped before its first checkpoint)")
+                return
+            if not ckpt.exists():
+                raise RunError(f"{self.run_dir} holds results of a run with no checkpoint to resume from; choose "
+                               f"another name (--set name=...) or remove the folder")
             raise RunError(f"{self.run_dir} already holds a run; pass --resume to continue it, or choose "
                            f"another name (--set name=...)")
 
@@ -149,6 +171,12 @@ class Runner:
 
         cfg = self.cfg
         if cfg.engine.threads:
+            from fedslim.engine.process_backend import usable_cpus
+
+            cores = usable_cpus()
+            if cfg.engine.threads > cores:
+                warnings.warn(f"engine.threads={cfg.engine.threads} is more than the {cores} usable CPU cores: "
+                              f"the extra threads only wait for a core and slow each step", stacklevel=2)
             torch.set_num_threads(cfg.engine.threads)
         # Before any worker is forked: they inherit both.
         if cfg.engine.tune_malloc:
