@@ -6,7 +6,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from fedslim.results import METRICS_FILE, SUMMARY_FILE, atomic_write_bytes, read_jsonl
+import yaml
+
+from fedslim.results import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, atomic_write_bytes, read_jsonl
 
 
 class ReportError(ValueError):
@@ -18,7 +20,16 @@ def _load(run: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     if not rows:
         raise ReportError(f"{run}: no {METRICS_FILE} with rows (is this a fedslim run folder?)")
     summary_path = run / SUMMARY_FILE
-    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {"name": run.name}
+    if summary_path.exists():
+        return json.loads(summary_path.read_text()), rows
+    # No summary: the run stopped before its last round. Its config still says what it was.
+    summary: dict[str, Any] = {"name": run.name, "unfinished": True}
+    try:
+        cfg = yaml.safe_load((run / CONFIG_FILE).read_text()) or {}
+        summary |= {"algorithm": cfg["algorithm"]["name"], "model": cfg["model"]["name"],
+                    "rounds": cfg["federation"]["rounds"]}
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        pass
     return summary, rows
 
 
@@ -51,14 +62,22 @@ def report(runs: list[str], out_dir: str | None = None) -> str:
         for label, m in last.get("eval", {}).items():
             best = max(r["eval"][label]["acc"] for r in rows if label in r.get("eval", {}))
             name = p.name if label == "global" else f"{p.name}[{label}]"
+            rnd = f"{last['round']}*" if s.get("unfinished") else str(last["round"])
             lines.append(f"{name[:28]:<28} {s.get('algorithm', '?')[:12]:<12} {str(s.get('model', '?'))[:8]:<8} "
-                         f"{last['round']:>4} {m['acc'] * 100:7.2f} {best * 100:7.2f} "
+                         f"{rnd:>4} {m['acc'] * 100:7.2f} {best * 100:7.2f} "
                          f"{m.get('f1_weighted', float('nan')) * 100:7.2f} {_fmt_bytes(last['cum_bytes_up']):>10} "
                          f"{_up_ratio(s):>6} {_fmt_bytes(last['cum_bytes_down']):>10} "
                          f"{last.get('sim_time_s', 0):8.1f}")
         for tier, m in (last.get("local") or {}).items():
             lines.append(f"{(p.name + ' local/' + tier)[:28]:<28} {'':<12} {'':<8} {last['round']:>4} "
                          f"{m['acc'] * 100:7.2f}")
+    unfinished = [(p, s, rows) for p, s, rows in loaded if s.get("unfinished")]
+    if unfinished:
+        lines.append("")
+        for p, s, rows in unfinished:
+            of = f" of {s['rounds']}" if "rounds" in s else ""
+            lines.append(f"* {p.name}: unfinished, stopped after round {rows[-1]['round']}{of} "
+                         f"(fedslim run --resume continues it from its last checkpoint)")
     out = Path(out_dir) if out_dir else paths[0].parent / "report"
     written = _plots(loaded, out)
     lines.append("")

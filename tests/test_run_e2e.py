@@ -208,3 +208,21 @@ def test_run_files_get_the_mode_of_a_plain_write(tmp_path: Path, tiny_cfg: dict)
     run = Path(tiny_cfg["output_dir"]) / "tiny"
     for f in ("config.yaml", "metrics.jsonl", "checkpoint.pt", "summary.json"):
         assert (run / f).stat().st_mode & 0o777 == 0o644, f
+
+
+def test_report_marks_an_unfinished_run_and_names_it_from_its_config(tmp_path: Path, tiny_cfg: dict,
+                                                                     capsys) -> None:
+    tiny_cfg["federation"]["rounds"] = 3
+    Runner(validate(dict(tiny_cfg, name="done"))).run()
+    Runner(validate(dict(tiny_cfg, name="cut"))).run()
+    cut = Path(tiny_cfg["output_dir"]) / "cut"
+    (cut / "summary.json").unlink()  # what a run stopped before its last round lacks
+    rows = (cut / "metrics.jsonl").read_text().splitlines()
+    (cut / "metrics.jsonl").write_text("\n".join(rows[:1]) + "\n")
+    assert main(["report", str(cut.parent / "done"), str(cut), "--out", str(tmp_path / "rep")]) == 0
+    out = capsys.readouterr().out
+    line = next(ln for ln in out.splitlines() if ln.startswith("cut "))
+    algo = tiny_cfg.get("algorithm", {}).get("name", "fedavg")
+    assert algo in line and tiny_cfg["model"]["name"] in line and " 1* " in line
+    assert "* cut: unfinished, stopped after round 1 of 3" in out
+    assert "done:" not in out and "?" not in out
