@@ -232,7 +232,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data-dir", default=DEFAULT_DATA)
     ap.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=sorted(WORKLOADS))
-    ap.add_argument("--contenders", nargs="+", default=CONTENDERS)
+    ap.add_argument("--contenders", nargs="+", default=CONTENDERS, choices=CONTENDERS)
     ap.add_argument("--rounds", type=int, default=None, help="override every workload's rounds")
     ap.add_argument("--repeat", type=int, default=1,
                     help="run every contender this many times, interleaved; the table shows medians")
@@ -245,6 +245,9 @@ def main() -> int:
     args = ap.parse_args()
     if not args.sample_every > 0:
         ap.error(f"--sample-every: must be a positive number of seconds (got {args.sample_every})")
+    for name in ("rounds", "repeat"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            ap.error(f"--{name}: must be at least 1 (got {getattr(args, name)})")
     import torch
 
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -253,6 +256,12 @@ def main() -> int:
                      f"on the GPU machine, put a CUDA build in it first, e.g. {sys.executable} -m pip install "
                      f"--force-reinstall torch==2.13.0 (PyPI's Linux wheels are CUDA builds)")
         ap.error(f"--device cuda: torch {torch.__version__} (CUDA {torch.version.cuda}) sees no CUDA device here")
+    try:  # before any contender starts: every one of them would fail on it, one by one
+        from fedslim.data.datasets import load_dataset
+
+        load_dataset("mnist", args.data_dir, train_subset=1, test_subset=1)
+    except Exception as e:  # noqa: BLE001 (DataError, OSError: whatever the loader says is the reason)
+        ap.error(f"--data-dir {args.data_dir}: {e}")
     gpu = f", {torch.cuda.get_device_name()}" if args.device == "cuda" else ""
     print(f"torch {torch.__version__}, {os.cpu_count()} CPUs{gpu}, load average {os.getloadavg()[0]:.2f} at start")
     runs = []

@@ -91,3 +91,19 @@ def test_gpu_memory_gets_a_column_only_when_a_contender_reports_it() -> None:
     assert table[0].split()[-2:] == ["GPU", "MB"]
     by_name = {ln.split()[1]: ln.split() for ln in table[2:]}
     assert by_name["fedslim-serial"][-1] == "48" and by_name["floor"][-1] == "-"
+
+
+@pytest.mark.parametrize("argv,expected", [
+    (["--contenders", "flwr"], "argument --contenders: invalid choice: 'flwr'"),
+    (["--rounds", "0"], "--rounds: must be at least 1 (got 0)"),
+    (["--repeat", "0"], "--repeat: must be at least 1 (got 0)"),
+    (["--data-dir", "/nonexistent/fedslim-data"], "--data-dir /nonexistent/fedslim-data: dataset 'mnist' not found"),
+])
+def test_bad_options_stop_before_any_contender_runs(argv: list[str], expected: str) -> None:
+    import subprocess
+
+    out = subprocess.run([sys.executable, str(Path(compare.__file__)), *argv], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 2
+    assert expected in out.stderr
+    assert "== " not in out.stdout  # no workload started
