@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from bench_options import check_options
 
 from fedslim.config import validate
 from fedslim.engine.run import Runner
@@ -106,6 +107,7 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--json", help="also write the figures to this file")
     args = ap.parse_args()
+    check_options(ap, args, at_least_one=("rounds", "repeats"))
     torch.set_num_threads(max(1, torch.get_num_threads()))
     sizes = None
     eng, flo = [], []

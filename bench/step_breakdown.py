@@ -33,6 +33,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from bench_options import check_options
+
 BEGIN, END = "STEPS_BEGIN", "STEPS_END"
 
 
@@ -135,9 +137,7 @@ def main() -> int:
     ap.add_argument("--child", choices=["plain", "tuned"], help=argparse.SUPPRESS)
     ap.add_argument("--verbose", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    for name in ("batch", "steps", "trials"):
-        if getattr(args, name) < 1:
-            ap.error(f"--{name}: must be at least 1 (got {getattr(args, name)})")
+    check_options(ap, args, at_least_one=("batch", "steps", "trials"), positive=("width",), model=True)
     if args.child:
         child(args.child, args.model, args.width, args.batch, args.steps, args.trials, args.verbose)
         return 0

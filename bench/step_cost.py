@@ -37,6 +37,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from bench_options import check_options
+
 VARIANTS = {False: ["plain", "channels_last", "fused", "channels_last+fused"],
             True: ["all (+ allocator)", "all + pool first", "all + pool first + padded",
                    "fused (+ allocator) + pool first", "fused (+ allocator) + pool first + padded",
@@ -130,13 +132,12 @@ def main() -> int:
     ap.add_argument("--json", help="also write the figures to this file")
     ap.add_argument("--child", choices=["plain", "tuned"], help=argparse.SUPPRESS)
     args = ap.parse_args()
+    check_options(ap, args, at_least_one=("pad_to", "trials", "steps", "procs"), positive=("width",), model=True)
     if args.child:
         res = measure(args.child == "tuned", args.model, args.width, args.pad_to, args.trials, args.steps,
                       args.compile)
         print("RESULT " + json.dumps(res), flush=True)
         return 0
-    if args.procs < 1:
-        ap.error(f"--procs: must be at least 1 (got {args.procs})")
     results: dict[str, dict[str, float]] = {}
     for child in ("plain", "tuned"):
         cmd = [sys.executable, __file__, "--child", child, "--model", args.model, "--width", str(args.width),

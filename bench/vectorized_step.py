@@ -38,6 +38,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench_options import check_options  # noqa: E402
+
 from fedslim.config import OptimizerConfig  # noqa: E402
 from fedslim.data.types import DatasetBundle, TensorData  # noqa: E402
 from fedslim.engine.backends import SerialBackend  # noqa: E402
@@ -103,6 +105,8 @@ def main() -> int:
                     help="also run serial and stacked without the engine's exact rewrites (fedslim.engine.rewrite)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    check_options(ap, args, at_least_one=("clients", "batch", "steps", "trials", "threads"), fraction=("dropout",),
+                  model=True)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.device == "cuda" and not torch.cuda.is_available():
