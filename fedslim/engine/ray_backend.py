@@ -163,9 +163,17 @@ class RayBackend:
         self._owns_ray = False
         if not ray.is_initialized():
             if address is None:
-                # A local cluster on the loopback address; it dies with this process.
-                ray.init(address="local", include_dashboard=False, log_to_driver=False,
-                         _node_ip_address="127.0.0.1", logging_level=logging.WARNING)
+                # A local cluster on the loopback address; it dies with this process. Ray announces on
+                # every start that the cluster uses token authentication (its default); for a private
+                # cluster that lives as long as the run, that line is noise.
+                token_note = logging.getLogger("ray._private.authentication.authentication_token_setup")
+                level = token_note.level
+                token_note.setLevel(logging.ERROR)
+                try:
+                    ray.init(address="local", include_dashboard=False, log_to_driver=False,
+                             _node_ip_address="127.0.0.1", logging_level=logging.WARNING)
+                finally:
+                    token_note.setLevel(level)
             else:
                 check_address(address)
                 try:
