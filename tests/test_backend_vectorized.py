@@ -14,7 +14,7 @@ from fedslim.config import OptimizerConfig, validate
 from fedslim.data.types import DatasetBundle, TensorData
 from fedslim.engine import stacked
 from fedslim.engine.backends import SerialBackend
-from fedslim.engine.client import augment_batch
+from fedslim.engine.client import augment_draws
 from fedslim.engine.run import Runner
 from fedslim.engine.store import ClientStore
 from fedslim.engine.task import ClientResult, ClientTask, LocalTrain, ModelSpec
@@ -246,26 +246,29 @@ def test_label_and_param_masks_per_client(float64: None, path: str) -> None:
             assert ((t.state[k] + r.delta[k])[m == 0] == 0).all()  # pruned weights stay pruned
 
 
-def test_augment_with_given_draws_equals_augment_batch() -> None:
+def test_augment_with_flips_and_crops_each_sample_by_its_own_draws() -> None:
     x = torch.randn(10, 3, 12, 12)
+    g = torch.Generator().manual_seed(5)
     for mode in ("flip", "crop_flip"):
-        ref = augment_batch(x, mode, torch.Generator().manual_seed(5))
-        g = torch.Generator().manual_seed(5)
-        flip = torch.rand(10, generator=g) < 0.5
-        dy = dx = None
-        if mode == "crop_flip":
-            dy, dx = torch.randint(0, 9, (10,), generator=g), torch.randint(0, 9, (10,), generator=g)
-        assert torch.equal(augment_with(x, mode, flip, dy, dx), ref)
+        draws = augment_draws(10, mode, g)
+        got = augment_with(x, mode, *draws)
+        for i in range(10):
+            ref = x[i].flip(2) if draws[0][i] else x[i]
+            if mode == "crop_flip":
+                dy, dx = int(draws[1][i]), int(draws[2][i])
+                ref = torch.nn.functional.pad(ref, (4, 4, 4, 4))[:, dy:dy + 12, dx:dx + 12]
+            assert torch.equal(got[i], ref)
+        assert 0 < int(draws[0].sum()) < 10  # both branches taken
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_augmentation_of_a_cuda_batch_draws_on_the_cpu() -> None:
-    """A CUDA batch is augmented from the task's CPU generator, exactly as the same batch on the CPU
-    (drawing a CUDA tensor from a CPU generator raises)."""
+def test_augmentation_of_a_cuda_batch_equals_the_cpu_one() -> None:
+    """The draws are made on the CPU (a CUDA tensor cannot be drawn from a CPU generator) and moved."""
     x = torch.randn(10, 3, 12, 12)
     for mode in ("flip", "crop_flip"):
-        on_cpu = augment_batch(x, mode, torch.Generator().manual_seed(5))
-        on_gpu = augment_batch(x.cuda(), mode, torch.Generator().manual_seed(5))
+        draws = augment_draws(10, mode, torch.Generator().manual_seed(5))
+        on_cpu = augment_with(x, mode, *draws)
+        on_gpu = augment_with(x.cuda(), mode, *(d.cuda() for d in draws))
         assert on_gpu.device.type == "cuda" and torch.equal(on_gpu.cpu(), on_cpu)
 
 

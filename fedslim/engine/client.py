@@ -82,13 +82,6 @@ def augment_with(x: torch.Tensor, mode: str, flip: torch.Tensor, dy: torch.Tenso
     return x
 
 
-def augment_batch(x: torch.Tensor, mode: str, gen: torch.Generator) -> torch.Tensor:
-    """:func:`augment_with` on draws made now from ``gen``; images (4-d batches) only."""
-    if mode == "none" or x.dim() != 4:
-        return x
-    return augment_with(x, mode, *(d.to(x.device) for d in augment_draws(len(x), mode, gen)))
-
-
 def masked_logits(logits: torch.Tensor, label_mask: torch.Tensor | None) -> torch.Tensor:
     """HeteroFL's masked loss: logits of classes the client does not hold are set to 0."""
     if label_mask is None:
