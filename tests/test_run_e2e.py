@@ -226,3 +226,26 @@ def test_report_marks_an_unfinished_run_and_names_it_from_its_config(tmp_path: P
     assert algo in line and tiny_cfg["model"]["name"] in line and " 1* " in line
     assert "* cut: unfinished, stopped after round 1 of 3" in out
     assert "done:" not in out and "?" not in out
+
+
+def test_timings_say_which_backend_ran_each_round_of_a_resumed_run(tiny_cfg: dict) -> None:
+    from fedslim.results import read_jsonl
+
+    class Stop(Exception):
+        pass
+
+    tiny_cfg["federation"]["rounds"] = 3
+    runner = Runner(validate(dict(tiny_cfg, engine={"backend": "serial", "threads": 1})))
+    original = runner._evaluate  # noqa: SLF001
+
+    def stop_in_round_3(rnd: int):
+        if rnd == 3:
+            raise Stop
+        return original(rnd)
+
+    runner._evaluate = stop_in_round_3  # type: ignore[method-assign]
+    with pytest.raises(Stop):
+        runner.run()
+    Runner(validate(dict(tiny_cfg, engine={"backend": "vectorized"})), resume=True).run()
+    rows = read_jsonl(Path(tiny_cfg["output_dir"]) / "tiny" / "timings.jsonl")
+    assert [(r["round"], r["backend"]) for r in rows] == [(1, "serial"), (2, "serial"), (3, "vectorized")]

@@ -368,7 +368,8 @@ class Runner:
                     self._postfix(bar, row)
                 t4 = time.perf_counter()
                 phases, self.algo.phase_seconds = self.algo.phase_seconds, {}
-                timings.append({"round": rnd, "plan_down_s": t1 - t0, "clients_s": t2 - t1,
+                # The backend too: a run resumed on another one (engine settings may change) says which ran.
+                timings.append({"round": rnd, "backend": resolved, "plan_down_s": t1 - t0, "clients_s": t2 - t1,
                                 "up_aggregate_s": t3 - t2 - sum(phases.values()), "eval_s": t4 - t3, **phases})
                 if (not pending_comm) and (rnd % cfg.engine.checkpoint_every == 0 or last):
                     write_jsonl(self.run_dir / TIMINGS_FILE, timings)
