@@ -210,3 +210,44 @@ def test_serial_update_with_padded_channels_matches_the_unpadded_one():
     for k in plain.delta:
         torch.testing.assert_close(padded.delta[k], plain.delta[k], rtol=1e-4, atol=1e-6)
     assert any(padded.delta[k].abs().max() > 1e-4 for k in plain.delta)  # it did train
+
+
+def test_strided_pointwise_convs_are_subsampled_with_the_same_values() -> None:
+    from fedslim.engine.rewrite import SubsampledConv2d, avoid_narrow_strided_pointwise
+
+    torch.manual_seed(0)
+    convs = nn.ModuleDict({"narrow": nn.Conv2d(4, 8, 1, stride=2, bias=True), "wide": nn.Conv2d(8, 16, 1, stride=2),
+                           "unstrided": nn.Conv2d(4, 8, 1), "spatial": nn.Conv2d(4, 8, 3, stride=2, padding=1)})
+    ref = copy.deepcopy(convs)
+    assert avoid_narrow_strided_pointwise(convs) == ["narrow"]
+    assert type(convs["narrow"]) is SubsampledConv2d and all(type(convs[k]) is nn.Conv2d for k in
+                                                             ("wide", "unstrided", "spatial"))
+    assert list(convs.state_dict()) == list(ref.state_dict())
+    for hw in (27, 28):  # odd sizes: the last row and column are still taken
+        x = torch.randn(5, 4, hw, hw, requires_grad=True)
+        x_ref = x.detach().clone().requires_grad_()
+        y, y_ref = convs["narrow"](x), ref["narrow"](x_ref)  # contiguous: torch's strided kernel is safe here
+        # The same products and sums; a different kernel may round their order differently.
+        assert y.shape == y_ref.shape and torch.allclose(y, y_ref, rtol=1e-5, atol=1e-6)
+        g = torch.randn_like(y)
+        y.backward(g)
+        y_ref.backward(g)
+        assert torch.allclose(x.grad, x_ref.grad, rtol=1e-5, atol=1e-6)
+        assert x.grad[:, :, 1::2].abs().sum() == 0  # rows the stride skips get no gradient
+    assert torch.allclose(convs["narrow"].weight.grad, ref["narrow"].weight.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_channels_last_cpu_buffers_train_a_narrow_resnet_with_shortcut_convs() -> None:
+    """torch 2.13's channels-last kernel for these shortcuts corrupted the heap within a few steps."""
+    from fedslim.engine.rewrite import SubsampledConv2d
+
+    spec = ModelSpec.make("preresnet18", 10, (1, 28, 28), width=0.0625)
+    m = ModelBuffers("cpu", channels_last=True, rewrite=False).get(spec)
+    assert any(type(c) is SubsampledConv2d for c in m.modules())
+    assert not any(type(c) is SubsampledConv2d for c in ModelBuffers("cpu", channels_last=False).get(spec).modules())
+    g = torch.Generator().manual_seed(0)
+    data = TensorData(torch.randn(96, 1, 28, 28, generator=g).contiguous(memory_format=torch.channels_last),
+                      torch.randint(0, 10, (96,), generator=g))
+    task = ClientTask(0, 1, spec, {}, LocalTrain(1, 32, OptimizerConfig(name="sgd", lr=0.05), 0.05), seed=3)
+    steps, loss, _ = train_model(m, task, data)
+    assert steps == 3 and loss == loss  # finite: not NaN

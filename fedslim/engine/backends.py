@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from fedslim.engine.host import memory_format
-from fedslim.engine.rewrite import pad_narrow_channels, pool_before_activation
+from fedslim.engine.rewrite import avoid_narrow_strided_pointwise, pad_narrow_channels, pool_before_activation
 from fedslim.engine.store import ClientStore
 from fedslim.engine.task import ClientResult, ClientTask, ModelSpec
 from fedslim.registry import BACKENDS, CLIENT_PROCEDURES
@@ -39,6 +39,8 @@ class ModelBuffers:
         if m is None:
             # memory_format applies to 4-d weights only; load_state_dict later copies into this layout.
             m = spec.build().to(self.device, memory_format=self.memory_format)
+            if self.memory_format == torch.channels_last and torch.device(self.device).type == "cpu":
+                avoid_narrow_strided_pointwise(m)  # not optional: the kernel it avoids corrupts memory
             if self.rewrite:
                 pool_before_activation(m)
                 if self.pad_channels:

@@ -169,3 +169,33 @@ def pad_narrow_channels(model: nn.Module, width: int = NARROW_CHANNELS, channels
                 if type(b) not in _ZERO_KEEPING or getattr(b, "return_indices", False):
                     break
     return padded
+
+
+def _strided_pointwise(conv: nn.Conv2d) -> bool:
+    return (conv.kernel_size == (1, 1) and conv.stride != (1, 1) and conv.padding == (0, 0)
+            and conv.dilation == (1, 1) and conv.padding_mode == "zeros")
+
+
+class SubsampledConv2d(nn.Conv2d):
+    """A 1x1 ``Conv2d`` with stride s computed as the stride-1 convolution of every s-th row and column
+    of its input: the same products and sums (a 1x1 kernel never reads between the strided positions),
+    so the same values up to the rounding of a different kernel's summation order (tested). Made by
+    :func:`avoid_narrow_strided_pointwise` only."""
+
+    def _conv_forward(self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        sh, sw = self.stride
+        return F.conv2d(input[:, :, ::sh, ::sw], weight, bias, 1, 0, 1, self.groups)
+
+
+def avoid_narrow_strided_pointwise(model: nn.Module, width: int = NARROW_CHANNELS) -> list[str]:
+    """Turn into :class:`SubsampledConv2d` (in place) every 1x1 ``Conv2d`` with a stride and fewer than
+    ``width`` input channels per group. torch 2.13's CPU kernel for such a convolution in channels-last
+    corrupts the heap (a pre-activation ResNet-18's shortcut at width 1/16: crashes or hangs within a
+    few steps, forward and weight gradient alike); at stride 1 the same shapes are fine. Returns the
+    qualified names of the convolutions changed."""
+    changed: list[str] = []
+    for name, m in model.named_modules():
+        if type(m) is nn.Conv2d and _strided_pointwise(m) and m.in_channels // m.groups < width:
+            m.__class__ = SubsampledConv2d
+            changed.append(name)
+    return changed

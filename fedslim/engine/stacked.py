@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from fedslim.engine.rewrite import SubsampledConv2d
 from fedslim.models.profile import forward_zeros
 
 Tensor = torch.Tensor
@@ -115,6 +116,7 @@ class StackedConv2d(_Stacked):
     def __init__(self, m: nn.Conv2d, name: str, ctx: StackCtx):
         super().__init__(name, ctx)
         self.stride, self.padding, self.dilation, self.groups = m.stride, m.padding, m.dilation, m.groups
+        self.subsample = isinstance(m, SubsampledConv2d)
 
     def forward(self, x: Tensor) -> Tensor:
         w, b = self._p("weight"), self._p("bias")
@@ -123,8 +125,11 @@ class StackedConv2d(_Stacked):
         wf = w.flatten(0, 1)
         if self.ctx.channels_last:
             wf = wf.contiguous(memory_format=torch.channels_last)
-        return F.conv2d(x, wf, None if b is None else b.flatten(), self.stride, self.padding, self.dilation,
-                        self.groups * k)
+        bias = None if b is None else b.flatten()
+        if self.subsample:  # as SubsampledConv2d computes it
+            sh, sw = self.stride
+            return F.conv2d(x[:, :, ::sh, ::sw], wf, bias, 1, 0, 1, self.groups * k)
+        return F.conv2d(x, wf, bias, self.stride, self.padding, self.dilation, self.groups * k)
 
 
 class StackedLinear(_Stacked):
@@ -275,7 +280,7 @@ def dropout_input_dims(model: nn.Module, input_shape: tuple[int, ...]) -> dict[s
 # The layers with weights that have a stacked version; matched by exact type, because a subclass may
 # compute something else in its forward (weight standardisation, say).
 _STACKED: dict[type[nn.Module], type[_Stacked]] = {
-    nn.Conv2d: StackedConv2d, nn.Linear: StackedLinear, nn.GroupNorm: StackedGroupNorm,
+    nn.Conv2d: StackedConv2d, SubsampledConv2d: StackedConv2d, nn.Linear: StackedLinear, nn.GroupNorm: StackedGroupNorm,
     nn.BatchNorm1d: StackedBatchNorm, nn.BatchNorm2d: StackedBatchNorm, nn.BatchNorm3d: StackedBatchNorm,
 }
 
