@@ -124,7 +124,7 @@ class DeviceTier(Strict):
 
 
 class DevicesConfig(Strict):
-    tiers: list[DeviceTier] = Field(default_factory=lambda: [DeviceTier(name="a")])
+    tiers: list[DeviceTier] = Field(default_factory=lambda: [DeviceTier(name="a")], min_length=1)
     assignment: Literal["fixed", "dynamic", "random"] = Field(
         "fixed", description="fixed: by client index; random: seeded once; dynamic: re-drawn each round"
     )

@@ -32,6 +32,7 @@ def test_defaults_validate() -> None:
         ({"engine": {"threads": True}}, "engine.threads"),
         ({"engine": {"threads": 5000}}, "engine.threads: Input should be less than or equal to 1024"),
         ({"engine": {"threads": 10**20}}, "engine.threads"),
+        ({"devices": {"tiers": []}}, "devices.tiers: List should have at least 1 item"),
     ],
 )
 def test_bad_configs_are_one_line_and_name_the_field(raw: dict, expected: str) -> None:
