@@ -228,13 +228,13 @@ def test_strided_pointwise_convs_are_subsampled_with_the_same_values() -> None:
         x_ref = x.detach().clone().requires_grad_()
         y, y_ref = convs["narrow"](x), ref["narrow"](x_ref)  # contiguous: torch's strided kernel is safe here
         # The same products and sums; a different kernel may round their order differently.
-        assert y.shape == y_ref.shape and torch.allclose(y, y_ref, rtol=1e-5, atol=1e-6)
+        assert y.shape == y_ref.shape and torch.allclose(y, y_ref, rtol=1e-4, atol=1e-5)
         g = torch.randn_like(y)
         y.backward(g)
         y_ref.backward(g)
-        assert torch.allclose(x.grad, x_ref.grad, rtol=1e-5, atol=1e-6)
+        assert torch.allclose(x.grad, x_ref.grad, rtol=1e-4, atol=1e-5)
         assert x.grad[:, :, 1::2].abs().sum() == 0  # rows the stride skips get no gradient
-    assert torch.allclose(convs["narrow"].weight.grad, ref["narrow"].weight.grad, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(convs["narrow"].weight.grad, ref["narrow"].weight.grad, rtol=1e-4, atol=1e-4)
 
 
 def test_channels_last_cpu_buffers_train_a_narrow_resnet_with_shortcut_convs() -> None:
