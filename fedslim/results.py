@@ -18,10 +18,15 @@ CHECKPOINT_FILE = "checkpoint.pt"
 TIMINGS_FILE = "timings.jsonl"
 
 
-def _umask() -> int:
+def _read_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+# Read once, at import: reading it means setting it, and a file another thread made in between would
+# get no umask at all.
+_UMASK = _read_umask()
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -29,7 +34,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         # mkstemp makes the file 0600; give it the mode a plain open() would (0666 less the umask).
-        os.fchmod(fd, 0o666 & ~_umask())
+        os.fchmod(fd, 0o666 & ~_UMASK)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

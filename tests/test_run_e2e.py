@@ -197,14 +197,10 @@ def test_resume_without_the_run_config_is_a_one_line_error(tmp_path: Path, tiny_
     assert (run / "checkpoint.pt").read_bytes() == before
 
 
-def test_run_files_get_the_mode_of_a_plain_write(tmp_path: Path, tiny_cfg: dict) -> None:
-    import os
-
-    old = os.umask(0o022)
-    try:
-        Runner(validate(tiny_cfg)).run()
-    finally:
-        os.umask(old)
+def test_run_files_get_the_mode_of_a_plain_write(tmp_path: Path, tiny_cfg: dict,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("fedslim.results._UMASK", 0o022)  # the umask read when the module was imported
+    Runner(validate(tiny_cfg)).run()
     run = Path(tiny_cfg["output_dir"]) / "tiny"
     for f in ("config.yaml", "metrics.jsonl", "checkpoint.pt", "summary.json"):
         assert (run / f).stat().st_mode & 0o777 == 0o644, f
