@@ -379,3 +379,18 @@ def test_bn_stats_pool_to_the_statistics_of_the_union_of_client_data():
                                rtol=1e-4, atol=1e-5)
     assert pooled["blocks.7.running_mean"].shape == (16,)
     assert (pooled["blocks.7.running_var"] > 0).all()
+
+
+@pytest.mark.parametrize("model, options, params, warned", [
+    ("lenet5", {}, {"model_split": "a1-e1"}, True),
+    ("lenet5", {"norm": "bn"}, {"model_split": "a1-e1"}, False),
+    ("lenet5", {}, {"model_split": "a1-e1", "scaler": False}, False),
+    ("lenet5", {}, {"model_split": "a1"}, False),  # one level: every Scaler is the identity
+    ("heterofl_cnn", {}, {"model_split": "a1-e1"}, False),
+])
+def test_scaler_without_a_normalization_layer_is_flagged_at_setup(tmp_path, model, options, params, warned):
+    cfg = _cfg(tmp_path, params, shape=(1, 28, 28), width=1.0, model={"name": model, "options": options})
+    notes = [n for n in _built(cfg).ctx.notes if "algorithm.params.scaler" in n]
+    assert bool(notes) == warned
+    if warned:
+        assert "multiplied by 16" in notes[0] and "model.options.norm=bn" in notes[0]

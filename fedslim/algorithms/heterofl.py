@@ -38,6 +38,7 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from torch import nn
 
 from fedslim.algorithms.base import Algorithm
 from fedslim.algorithms.submodel import (
@@ -177,6 +178,7 @@ class HeteroFL(Algorithm):
         model = self.global_spec.build()
         self.param_keys = set(dict(model.named_parameters()))
         self.has_bn = any(True for _ in batch_norms(model))
+        self.check_scaler(model)
         self.masked = (cfg.data.partition.kind not in _LABEL_BALANCED) if p.masked_loss == "auto" else p.masked_loss
         n = ctx.num_clients
         self._fixed = np.repeat(np.arange(len(self.labels)), split_counts(list(self.shares), n))
@@ -189,6 +191,20 @@ class HeteroFL(Algorithm):
         self._last_cohort: list[int] = []
         self.bn_query_totals = {"queries": 0, "bytes_down": 0, "bytes_up": 0}
         self.check_channel_groups()
+
+    def check_scaler(self, model: nn.Module) -> None:
+        """Scaler assumes a normalization layer after it: without one, a rate-r sub-model's activations
+        grow by 1/r at every scaled layer and nothing brings them back (seen: NaN updates within two
+        rounds for LeNet-5 at rate 1/16 and lr 0.05), so say so before the run rather than after."""
+        low = min(self.level_rates.values()) / self.global_rate
+        if not self.params.scaler or low >= 1.0:
+            return
+        if any(isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm)) for m in model.modules()):
+            return
+        self.ctx.note(f"{self.name}: algorithm.params.scaler is on but model {self.ctx.cfg.model.name} has no "
+                      f"normalization layer, so a rate-{low:g} sub-model's activations are multiplied by "
+                      f"{1 / low:g} at every scaled layer in training and can diverge; set "
+                      f"model.options.norm=bn (static BN, as in HeteroFL) or algorithm.params.scaler=false")
 
     def check_channel_groups(self) -> None:
         """Subclasses that choose channels need the model's coupling declaration; fail at set-up."""
