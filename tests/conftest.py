@@ -1,6 +1,9 @@
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -8,6 +11,12 @@ import pytest
 import torch
 
 torch.set_num_threads(1)
+
+# Decoded-dataset caches (fedslim.data.datasets.user_cache_dir) of any test go to a folder of this
+# session, never the user's ~/.cache.
+_CACHE_HOME = tempfile.mkdtemp(prefix="fedslim-test-cache-")
+os.environ["XDG_CACHE_HOME"] = _CACHE_HOME
+atexit.register(shutil.rmtree, _CACHE_HOME, ignore_errors=True)
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

@@ -6,8 +6,11 @@ import gzip
 import io
 import os
 import pickle
+import shutil
 import struct
 import tarfile
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -25,8 +28,20 @@ IDX_NAMES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-
              "t10k-labels-idx1-ubyte"]
 
 
+@pytest.fixture(autouse=True)
+def user_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Decoded-image caches go to a per-test folder, never the real ~/.cache."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
+    return tmp_path / "xdg-cache" / "fedslim"
+
+
 # ---------------------------------------------------------------------------------------------
 # helpers
+
+
+def files_under(p: Path) -> dict[str, tuple[int, int]]:
+    """Every file below ``p`` with its size and mtime: to show a data folder was left alone."""
+    return {str(f.relative_to(p)): (f.stat().st_size, f.stat().st_mtime_ns) for f in p.rglob("*") if f.is_file()}
 
 
 def idx_bytes(arr: np.ndarray) -> bytes:
@@ -325,12 +340,16 @@ def test_undecodable_image_names_the_file(tmp_path: Path) -> None:
     assert str(bad) in str(e.value)
 
 
-def test_image_folder_cache_is_reused_then_invalidated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_image_folder_cache_is_reused_then_invalidated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                       user_cache: Path) -> None:
     tree = tmp_path / "imgs"
     write_image_tree(tree, ["a", "b"], per_class=2)
+    before = files_under(tmp_path / "imgs")
     first = load_dataset("imagefolder", options={"path": str(tree), "cache": True})
-    cache = tmp_path / "imgs.npz"
-    assert cache.is_file()
+    cache = ds.cache_path(tree, shuffle=True)
+    assert cache is not None and cache.parent.parent == user_cache and cache.is_file()
+    assert files_under(tmp_path / "imgs") == before and not (tmp_path / "imgs.npz").exists()
+    assert list(cache.parent.iterdir()) == [cache]  # written via a temporary file, none left over
 
     real_decode = formats.decode_image
     calls = []
@@ -348,15 +367,86 @@ def test_image_folder_cache_is_reused_then_invalidated(tmp_path: Path, monkeypat
     calls.clear()
     load_dataset("imagefolder", options={"path": str(tree), "cache": True})
     assert calls == []
+    assert list(cache.parent.iterdir()) == [cache]  # the same file replaced, no second cache
 
 
-def test_cifar10_jpeg_tree_and_tarball(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_image_rewritten_in_place_invalidates_the_cache(tmp_path: Path) -> None:
+    tree = tmp_path / "imgs"
+    write_image_tree(tree, ["a", "b"], per_class=2)
+    opts = {"path": str(tree), "cache": True, "shuffle": False, "normalize": False}
+    old = load_dataset("imagefolder", options=opts)
+    assert old.train.x[0].max() > 0
+    target = tree / "train" / "a" / "0000.png"
+    st = target.stat()
+    Image.new("RGB", (5, 4), (0, 0, 0)).save(target)  # same name, new pixels and size
+    # Back-date it: neither the folder's nor the cache's mtime can tell, only the file's own stat.
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
+    new = load_dataset("imagefolder", options=opts)
+    assert new.train.x[0].max() == 0 and torch.equal(new.train.x[1:], old.train.x[1:])
+
+
+def test_corrupt_cache_is_rebuilt(tmp_path: Path) -> None:
+    tree = tmp_path / "imgs"
+    write_image_tree(tree, ["a", "b"], per_class=2)
+    opts = {"path": str(tree), "cache": True}
+    first = load_dataset("imagefolder", options=opts)
+    cache = ds.cache_path(tree, True)
+    assert cache is not None
+    cache.write_bytes(cache.read_bytes()[:200])  # truncated: not a readable zip any more
+    assert torch.equal(load_dataset("imagefolder", options=opts).train.x, first.train.x)
+    assert ds._read_cache(cache, ds._tree_signature(tree, True)[0]) is not None  # rewritten whole
+
+
+def test_two_data_folders_never_share_a_cache(tmp_path: Path) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    write_image_tree(a / "cifar10-jpeg", ds.CIFAR10_CLASSES, per_class=1, size=(32, 32), ext="png")
+    write_image_tree(b / "cifar10-jpeg", ds.CIFAR10_CLASSES, per_class=1, size=(32, 32), ext="png")
+    for f in (b / "cifar10-jpeg" / "train").rglob("*.png"):  # same layout and names, other pixels
+        Image.new("RGB", (32, 32), (7, 7, 7)).save(f)
+    opts = {"source": "jpeg", "normalize": False}
+    xa, xb = load_dataset("cifar10", a, options=opts).train.x, load_dataset("cifar10", b, options=opts).train.x
+    assert not torch.equal(xa, xb) and torch.all(xb == 7 / 255)
+    ca, cb = ds.cache_path(a / "cifar10-jpeg", True), ds.cache_path(b / "cifar10-jpeg", True)
+    assert ca != cb and ca is not None and cb is not None and ca.is_file() and cb.is_file()
+    # And through a symlink the folder is the same one: the key is the resolved path.
+    (tmp_path / "link").symlink_to(a)
+    assert ds.cache_path(tmp_path / "link" / "cifar10-jpeg", True) == ca
+    assert torch.equal(load_dataset("cifar10", tmp_path / "link", options=opts).train.x, xa)
+
+
+def test_cache_folder_follows_xdg_then_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                            user_cache: Path) -> None:
+    assert ds.user_cache_dir() == user_cache
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative/ignored")  # the XDG spec: only absolute paths count
+    assert ds.user_cache_dir() == tmp_path / "home" / ".cache" / "fedslim"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert ds.user_cache_dir() == tmp_path / "home" / ".cache" / "fedslim"
+
+
+def test_unwritable_cache_folder_just_skips_caching(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the cache folder would go")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))
+    tree = tmp_path / "imgs"
+    write_image_tree(tree, ["a", "b"], per_class=2)
+    before = files_under(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        b = load_dataset("imagefolder", options={"path": str(tree), "cache": True})
+    assert len(b.train) == 4 and files_under(tmp_path) == before
+
+
+def test_cifar10_jpeg_tree_and_tarball(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, user_cache: Path) -> None:
     classes = ds.CIFAR10_CLASSES
     src = tmp_path / "src"
     write_image_tree(src / "cifar10-jpeg", classes, per_class=2, size=(32, 32), ext="jpg")
+    src_files = files_under(src)
     from_tree = load_dataset("cifar10", src, options={"source": "jpeg"})
     assert (len(from_tree.train), len(from_tree.test), from_tree.input_shape) == (20, 20, (3, 32, 32))
-    assert (src / "cifar10-jpeg.npz").is_file()
+    assert files_under(src) == src_files  # the data folder is read, never written
+    tree_cache = ds.cache_path(src / "cifar10-jpeg", True)
+    assert tree_cache is not None and tree_cache.is_file() and user_cache in tree_cache.parents
 
     root = tmp_path / "root"
     root.mkdir()
@@ -364,7 +454,9 @@ def test_cifar10_jpeg_tree_and_tarball(tmp_path: Path, monkeypatch: pytest.Monke
         tf.add(src / "cifar10-jpeg", arcname="cifar10-jpeg")
     from_tar = load_dataset("cifar10", root)
     assert torch.equal(from_tar.train.x, from_tree.train.x) and torch.equal(from_tar.test.y, from_tree.test.y)
-    assert (root / "cifar10-jpeg.npz").is_file() and not (root / "cifar10-jpeg").exists()
+    assert [p.name for p in root.iterdir()] == ["cifar10-jpeg.tar.gz"]  # not unpacked, no cache beside it
+    tar_cache = ds.cache_path(root / "cifar10-jpeg.tar.gz", True)
+    assert tar_cache is not None and tar_cache.is_file() and tar_cache != tree_cache
 
     def no_decode(*_a, **_k):  # type: ignore[no-untyped-def]
         raise AssertionError("decoded although the cache is fresh")
@@ -372,6 +464,15 @@ def test_cifar10_jpeg_tree_and_tarball(tmp_path: Path, monkeypatch: pytest.Monke
     monkeypatch.setattr(formats, "decode_image", no_decode)
     cached = load_dataset("cifar10", root)
     assert torch.equal(cached.train.x, from_tree.train.x)
+    # A changed archive (new size and mtime) is not served from the old cache.
+    with open(root / "cifar10-jpeg.tar.gz", "ab") as f:
+        f.write(b"\0" * 1024)
+    with pytest.raises(AssertionError, match="decoded although"):
+        load_dataset("cifar10", root)
+    # With the source gone there is nothing to load, whatever the cache holds.
+    (root / "cifar10-jpeg.tar.gz").unlink()
+    with pytest.raises(DataError, match="dataset 'cifar10' not found"):
+        load_dataset("cifar10", root)
 
 
 def test_corrupt_tarball_names_the_archive(tmp_path: Path) -> None:
@@ -390,6 +491,154 @@ def test_real_cifar10_jpeg_tarball(tmp_path: Path) -> None:
     mean = b.train.x.mean(dim=(0, 2, 3))
     assert torch.allclose(mean, torch.tensor([0.491, 0.482, 0.447]), atol=3e-3)
     assert np.bincount(b.test.y.numpy()).tolist() == [1000] * 10
+
+
+# ---------------------------------------------------------------------------------------------
+# verify: the copy the loader reads
+
+
+@pytest.fixture
+def small_cifar_sizes(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Verify expects 2 train and 1 test image per class (and 4-image batches) instead of CIFAR-10's
+    5000 / 1000 (and 10000), so tiny fixtures stand in for the real thing."""
+    monkeypatch.setattr(ds, "CIFAR10_SPLIT_SIZES", {"train": 20, "test": 10})
+    monkeypatch.setattr(ds, "_CIFAR_BATCH_SIZE", 4)
+    yield
+
+
+def write_cifar_jpeg_tree(tree: Path) -> None:
+    write_image_tree(tree, ds.CIFAR10_CLASSES, per_class=2, size=(32, 32), ext="jpg")
+    for c in ds.CIFAR10_CLASSES:  # 2 train, 1 test per class
+        (tree / "test" / c / "0001.jpg").unlink()
+
+
+def failures(results: list[tuple[Path, bool, str]]) -> dict[Path, str]:
+    return {p: msg for p, ok, msg in results if not ok}
+
+
+@pytest.mark.parametrize(("layout", "source", "form", "path"), [
+    (["cifar-10-batches-py", "cifar10-jpeg"], "auto", "pickle-dir", "cifar-10-batches-py"),
+    (["cifar10/cifar-10-batches-py", "cifar10-jpeg"], "auto", "pickle-dir", "cifar10/cifar-10-batches-py"),
+    (["cifar-10-batches-py", "cifar10-jpeg"], "jpeg", "jpeg-dir", "cifar10-jpeg"),
+    (["cifar10-jpeg", "cifar10-jpeg.tar.gz"], "auto", "jpeg-dir", "cifar10-jpeg"),
+    (["CIFAR10/cifar10-jpeg.tar.gz"], "auto", "jpeg-tar", "CIFAR10/cifar10-jpeg.tar.gz"),
+    (["cifar-10-python.tar.gz", "cifar10-jpeg"], "auto", "pickle-tar", "cifar-10-python.tar.gz"),
+])
+def test_verify_checks_the_copy_the_loader_reads(tmp_path: Path, small_cifar_sizes: None, layout: list[str],
+                                                  source: str, form: str, path: str) -> None:
+    src = tmp_path / "src"
+    write_cifar_batches(src / "cifar-10-batches-py")
+    write_cifar_jpeg_tree(src / "cifar10-jpeg")
+    root = tmp_path / "root"
+    for item in layout:
+        name = Path(item).name
+        (root / item).parent.mkdir(parents=True, exist_ok=True)
+        if name.endswith(".tar.gz"):
+            top = "cifar-10-batches-py" if name.startswith("cifar-10-") else "cifar10-jpeg"
+            with tarfile.open(root / item, "w:gz") as tf:
+                tf.add(src / top, arcname=top)
+        else:
+            shutil.copytree(src / name, root / item)
+    assert ds.find_cifar10(root, source) == (form, root / path)
+    results = ds.verify_cifar10(root, source)
+    first_path, _, first_msg = results[0]
+    assert first_path == root / path and first_msg.startswith(ds.CIFAR10_FORMS[form])
+    if form.endswith("-tar"):  # a home-made archive is readable but is not the published file
+        assert len(results) == 1 and "checksum mismatch" in first_msg and not results[0][1]
+    else:
+        assert failures(results) == {} and len(results) > 1
+    # The loader reads the very same copy: the pickled test split has 4 images, the JPEG one 10.
+    b = load_dataset("cifar10", root, options={"source": source, "normalize": False, "cache": False})
+    assert (len(b.test) == 4) == form.startswith("pickle")
+
+
+def test_verify_jpeg_tree_names_each_missing_or_corrupt_file(tmp_path: Path, small_cifar_sizes: None) -> None:
+    tree = tmp_path / "cifar10-jpeg"
+    write_cifar_jpeg_tree(tree)
+    before = files_under(tmp_path)
+    results = ds.verify_cifar10(tmp_path)
+    assert failures(results) == {}
+    assert [p for p, _, _ in results] == [tree, *(tree / "train" / c for c in ds.CIFAR10_CLASSES),
+                                          *(tree / "test" / c for c in ds.CIFAR10_CLASSES)]
+    assert "JPEG image-folder tree (the copy the cifar10 loader reads)" in results[0][2]
+    assert results[1][2] == "2 images, all decode as 32x32 with 3 channels"
+    assert files_under(tmp_path) == before  # verify writes nothing, not even a cache
+
+    shutil.rmtree(tree / "test" / "ship")                          # a missing class folder
+    (tree / "train" / "cat" / "0001.jpg").unlink()                 # a missing image
+    (tree / "train" / "dog" / "0000.jpg").write_bytes(b"\xff\xd8 not really")  # an unreadable JPEG
+    good = (tree / "train" / "frog" / "0001.jpg").read_bytes()
+    (tree / "train" / "frog" / "0001.jpg").write_bytes(good[: len(good) // 2])  # a truncated one
+    Image.new("RGB", (30, 32)).save(tree / "train" / "bird" / "0000.jpg")  # the wrong size
+    (tree / "test" / "spaceship").mkdir()                          # a class CIFAR-10 does not have
+    bad = failures(ds.verify_cifar10(tmp_path))
+    assert sorted(bad) == sorted([tree, tree / "test" / "ship", tree / "train" / "cat", tree / "train" / "dog",
+                                  tree / "train" / "frog", tree / "train" / "bird"])
+    assert "unexpected class folder test/spaceship" in bad[tree]
+    assert bad[tree / "test" / "ship"] == "class folder not found (expected 1 image in it)"
+    assert bad[tree / "train" / "cat"] == "1 image, expected 2"
+    assert "0000.jpg: cannot decode image" in bad[tree / "train" / "dog"]
+    assert "0001.jpg: cannot decode image" in bad[tree / "train" / "frog"]
+    assert "0000.jpg: image is 30x32 with 3 channels, expected 32x32 with 3 channels" in bad[tree / "train" / "bird"]
+
+
+def test_verify_jpeg_tree_without_a_split(tmp_path: Path, small_cifar_sizes: None) -> None:
+    tree = tmp_path / "cifar10" / "cifar10-jpeg"
+    write_cifar_jpeg_tree(tree)
+    shutil.rmtree(tree / "test")
+    results = ds.verify_cifar10(tmp_path)
+    assert failures(results) == {tree: results[0][2]} and "test/ folder not found" in results[0][2]
+    assert len(results) == 11  # the tree, then train's ten classes
+
+
+def test_verify_pickled_batches_counts_and_parses(tmp_path: Path, small_cifar_sizes: None) -> None:
+    folder = tmp_path / "cifar-10-batches-py"
+    write_cifar_batches(folder)
+    results = ds.verify_cifar10(tmp_path)
+    assert failures(results) == {} and len(results) == 8  # folder, 6 batches, batches.meta
+    assert results[0][0] == folder and results[0][2].startswith("pickled batches folder")
+    (folder / "data_batch_3").unlink()
+    (folder / "test_batch").write_bytes((folder / "data_batch_1").read_bytes()[:300])
+    (folder / "data_batch_5").write_bytes(pickle.dumps({b"data": np.zeros((3, 3072), np.uint8), b"labels": [0, 1, 12]}))
+    bad = failures(ds.verify_cifar10(tmp_path))
+    assert sorted(bad) == sorted([folder, folder / "data_batch_3", folder / "data_batch_5", folder / "test_batch"])
+    assert "missing data_batch_3" in bad[folder] and bad[folder / "data_batch_3"] == "file not found"
+    assert bad[folder / "data_batch_5"] == "3 images, expected 4; labels 0..12, expected 0..9"
+    assert "corrupt or unsupported pickle" in bad[folder / "test_batch"]
+
+
+def test_verify_cifar10_not_found_lists_the_layouts(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="dataset 'cifar10' not found") as e:
+        ds.verify_cifar10(tmp_path)
+    for want in ("cifar-10-batches-py/", "cifar-10-python.tar.gz", "cifar10-jpeg/", "cifar10-jpeg.tar.gz"):
+        assert want in str(e.value)
+    with pytest.raises(DataError, match=r"looked for cifar10-jpeg/, cifar10-jpeg\.tar\.gz in"):
+        ds.verify_cifar10(tmp_path, "jpeg")
+
+
+@needs_shared
+def test_verify_shared_cifar10_jpeg_archive() -> None:
+    [(path, ok, msg)] = ds.verify_cifar10(SHARED)
+    assert path == SHARED / "cifar10-jpeg.tar.gz" and ok, msg
+    assert msg.startswith("JPEG image-folder archive") and "sha256 of the file ok" in msg
+
+
+@pytest.mark.slow
+@needs_shared
+def test_verify_real_unpacked_cifar10_jpeg_tree(tmp_path: Path) -> None:
+    with tarfile.open(SHARED / "cifar10-jpeg.tar.gz") as tf:
+        tf.extractall(tmp_path, filter="data")
+    tree = tmp_path / "cifar10-jpeg"
+    results = ds.verify_cifar10(tmp_path)
+    assert failures(results) == {} and len(results) == 21
+    assert results[1] == (tree / "train" / "airplane", True, "5000 images, all decode as 32x32 with 3 channels")
+    assert results[-1] == (tree / "test" / "truck", True, "1000 images, all decode as 32x32 with 3 channels")
+    (tree / "test" / "dog" / "0007.jpg").write_bytes((tree / "test" / "dog" / "0007.jpg").read_bytes()[:300])
+    (tree / "train" / "cat" / "0003.jpg").unlink()
+    bad = failures(ds.verify_cifar10(tmp_path))
+    assert sorted(bad) == [tree / "test" / "dog", tree / "train" / "cat"]
+    assert bad[tree / "train" / "cat"] == "4999 images, expected 5000"
+    assert "0007.jpg: cannot decode image" in bad[tree / "test" / "dog"]
 
 
 # ---------------------------------------------------------------------------------------------

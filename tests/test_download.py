@@ -223,3 +223,23 @@ def test_cli_list_and_info_of_builtin(capsys: pytest.CaptureFixture[str]) -> Non
     out = capsys.readouterr().out
     assert "classes   3" in out and "(2, 3, 3)" in out
     assert run_cli("data", "verify", "digits", "--data-dir", ".") == 0
+
+
+@needs_shared
+def test_cli_verify_cifar10_checks_the_copy_the_loader_reads(tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    assert run_cli("data", "verify", "cifar10", "--data-dir", str(SHARED)) == 0
+    assert f"ok    {SHARED / 'cifar10-jpeg.tar.gz'}: JPEG image-folder archive" in capsys.readouterr().out
+    (tmp_path / "cifar10-jpeg.tar.gz").write_bytes(b"not the archive")
+    assert run_cli("data", "verify", "cifar10", "--data-dir", str(tmp_path)) == 1
+    captured = capsys.readouterr()
+    assert "FAIL" in captured.out and "checksum mismatch" in captured.out and "1 of 1 files failed" in captured.err
+    # An unpacked tree wins over the archive beside it, as in the loader; a missing class is named.
+    tree = tmp_path / "cifar10-jpeg"
+    for split in ("train", "test"):
+        (tree / split / "cat").mkdir(parents=True)
+    assert run_cli("data", "verify", "cifar10", "--data-dir", str(tmp_path)) == 1
+    out = capsys.readouterr().out
+    assert f"ok    {tree}: JPEG image-folder tree" in out
+    assert f"FAIL  {tree / 'train' / 'airplane'}: class folder not found (expected 5000 images in it)" in out
+    assert f"FAIL  {tree / 'test' / 'cat'}: 0 images, expected 1000" in out

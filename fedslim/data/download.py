@@ -199,9 +199,11 @@ def download(name: str, to: Path, base_url: str | None = None, *, log: Log | Non
 def verify(name: str, data_dir: Path) -> list[tuple[Path, bool, str]]:
     """Check a dataset's files as the loader would find them: (path, ok, message) per file.
 
-    Raises DataError when the dataset is not there at all.
+    For CIFAR-10 ('cifar10', or 'cifar10-jpeg' for the JPEG copy only) the first entry names the form
+    checked (see :func:`fedslim.data.datasets.verify_cifar10`). Raises DataError when the dataset is
+    not there at all.
     """
-    from fedslim.data import datasets, formats
+    from fedslim.data import datasets
 
     canon, entry = _entry(name)
     data_dir = Path(data_dir).expanduser()
@@ -216,33 +218,5 @@ def verify(name: str, data_dir: Path) -> list[tuple[Path, bool, str]]:
                 ok, msg = False, str(e).removeprefix(f"{path}: ")
             results.append((path, ok, msg))
         return results
-    fname = next(iter(entry["files"]))
-    for d in (data_dir, data_dir / "cifar10"):
-        if (d / fname).is_file():
-            ok, msg = check_file(d / fname, entry["files"][fname])
-            return [(d / fname, ok, msg)]
-    # Only an unpacked copy: no published hashes for its files, so check that it parses.
-    top = "cifar-10-batches-py" if canon == "cifar10" else "cifar10-jpeg"
-    for d in (data_dir, data_dir / "cifar10"):
-        tree = d / top
-        if not tree.is_dir():
-            continue
-        if canon == "cifar10":
-            for b in [*(f"data_batch_{i}" for i in range(1, 6)), "test_batch"]:
-                try:
-                    x, _ = formats.read_cifar_batch(tree / b)
-                    results.append((tree / b, True, f"parses: {len(x)} images (no published hash for "
-                                                    "extracted batches)"))
-                except DataError as e:
-                    results.append((tree / b, False, str(e).removeprefix(f"{tree / b}: ")))
-        else:
-            for split, expected in (("train", 50000), ("test", 10000)):
-                try:
-                    _, files = formats.list_image_folder(tree / split)
-                    ok = len(files) == expected
-                    results.append((tree / split, ok, f"{len(files)} images, expected {expected}"))
-                except DataError as e:
-                    results.append((tree / split, False, str(e)))
-        return results
-    raise DataError(f"'{canon}' not found: looked for {fname} and {top}/ in {data_dir} and "
-                    f"{data_dir / 'cifar10'}")
+    # CIFAR-10: whichever copy the loader reads (pickled or JPEG, folder or archive), in its order.
+    return datasets.verify_cifar10(data_dir, "jpeg" if canon == "cifar10-jpeg" else "auto")

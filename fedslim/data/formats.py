@@ -239,12 +239,55 @@ def list_image_folder(split_dir: Path) -> tuple[list[str], list[tuple[Path, int]
         raise DataError(f"{split_dir}: no class folders (expected <split>/<class>/<image>)")
     files: list[tuple[Path, int]] = []
     for ci, c in enumerate(classes):
-        names = sorted(
-            e.name for e in os.scandir(split_dir / c)
-            if e.is_file() and e.name.lower().endswith(IMAGE_SUFFIXES) and not e.name.startswith(".")
-        )
-        files.extend((split_dir / c / n, ci) for n in names)
+        files.extend((split_dir / c / n, ci) for n in image_names(split_dir / c))
     return classes, files
+
+
+def image_names(folder: Path) -> list[str]:
+    """Sorted names of the image files directly in ``folder`` (by suffix; hidden files skipped)."""
+    with os.scandir(folder) as it:
+        return sorted(e.name for e in it
+                      if e.is_file() and e.name.lower().endswith(IMAGE_SUFFIXES) and not e.name.startswith("."))
+
+
+def check_image_class(folder: Path, expected_count: int | None, expected_shape: tuple[int, int, int] | None,
+                      max_listed: int = 3) -> tuple[bool, str]:
+    """Decode every image of one class folder: (ok, message) for a verify report, never raises.
+
+    Problems checked: folder missing or unreadable, image count other than ``expected_count``, an
+    image that does not decode, an image whose (C, H, W) is not ``expected_shape``. The message
+    names the first ``max_listed`` bad images.
+    """
+    if not folder.is_dir():
+        want = _images(expected_count) if expected_count is not None else "images"
+        return False, f"class folder not found (expected {want} in it)"
+    try:
+        names = image_names(folder)
+    except OSError as e:
+        return False, f"cannot list the folder ({e.strerror or e})"
+    problems: list[str] = []
+    if expected_count is not None and len(names) != expected_count:
+        problems.append(f"{_images(len(names))}, expected {expected_count}")
+    bad: list[str] = []
+    for n in names:
+        try:
+            shape = decode_image(folder / n, n).shape
+        except DataError as e:
+            bad.append(str(e))
+            continue
+        if expected_shape is not None and shape != expected_shape:
+            bad.append(f"{n}: image is {_shape_text(shape)}, expected {_shape_text(expected_shape)}")
+    if bad:
+        listed = "; ".join(bad[:max_listed]) + ("; ..." if len(bad) > max_listed else "")
+        problems.append(f"{len(bad)} of {len(names)} images unreadable or the wrong size: {listed}")
+    if problems:
+        return False, "; ".join(problems)
+    size = f" as {_shape_text(expected_shape)}" if expected_shape is not None else ""
+    return True, f"{_images(len(names))}, all decode{size}"
+
+
+def _images(n: int) -> str:
+    return f"{n} image{'s' if n != 1 else ''}"
 
 
 def read_image_folder(split_dir: Path, classes: list[str] | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
