@@ -22,6 +22,7 @@ from fedslim.codecs import (
     raw_record_size,
     weight_names,
 )
+from fedslim.config import ConfigError, validate
 from fedslim.registry import CODECS
 
 
@@ -278,7 +279,8 @@ def test_topk_keeps_exactly_k_largest() -> None:
 
 @pytest.mark.parametrize("specs,message", [
     ([{"name": "quantize", "bits": 32}], "codec.up.0.bits: must be between 1 and 16 (got 32)"),
-    ([{"name": "quantize", "bit": 4}], "codec.up.0: unknown key 'bit' (did you mean 'bits'?)"),
+    ([{"name": "quantize", "bit": 4}], "codec.up.0.bit: unknown key (did you mean 'bits'?); valid keys here: "
+                                       "bits, rounding, scheme, granularity, name"),
     ([{"name": "int8"}, {"name": "quantise"}], "codec.up.1.name: unknown codec 'quantise' (did you mean "
                                                "'quantize'?); allowed: int8, prune, quantize, topk"),
     ([{"name": "prune"}], "codec.up.0.amount: required"),
@@ -287,7 +289,7 @@ def test_topk_keeps_exactly_k_largest() -> None:
      "codec.up.0: scope 'global' works with unstructured pruning only"),
     ([{"name": "quantize", "rounding": "up"}], "codec.up.0.rounding: "),
     ([{"name": "topk", "ratio": 0}], "codec.up.0.ratio: must be in (0, 1] (got 0)"),
-    ([{"name": "int8", "bits": 4}], "codec.up.0: unknown key 'bits'"),
+    ([{"name": "int8", "bits": 4}], "codec.up.0.bits: unknown key; valid keys here: name"),
     ([{"bits": 4}], "codec.up.0: missing 'name'"),
     ([{"name": "prune", "amount": True}], "codec.up.0.amount: must be a number, not a boolean"),
     ([{"name": 3}], "codec.up.0.name: must be a string"),
@@ -296,6 +298,76 @@ def test_config_errors_name_the_field(specs, message) -> None:
     with pytest.raises(ValueError) as e:
         build_pipeline(specs, field="codec.up")
     assert str(e.value).startswith(message), str(e.value)
+
+
+@pytest.mark.parametrize("specs,message", [
+    ([{"name": "prune", "amout": 0.5}], "codec.up.0.amout: unknown key (did you mean 'amount'?); valid keys here: "
+                                        "amount, scope, structured, dim, norm, name"),
+    ([{"name": "topk", "ration": 0.1}], "codec.up.0.ration: unknown key (did you mean 'ratio'?); valid keys here: "
+                                        "ratio, error_feedback, scope, name"),
+    ([{"name": "int8"}, {"name": "prune", "amount": 0.5, "scpe": "global"}],
+     "codec.up.1.scpe: unknown key (did you mean 'scope'?)"),
+])
+def test_typo_of_a_required_key_is_an_unknown_key_not_a_missing_one(specs, message) -> None:
+    # The misspelt key also leaves the required one missing; the typo is what the user must see.
+    with pytest.raises(ValueError) as e:
+        build_pipeline(specs, field="codec.up")
+    assert str(e.value).startswith(message), str(e.value)
+    assert "required" not in str(e.value)
+
+
+def test_typo_of_a_required_key_through_the_config() -> None:
+    raw = {"codec": {"down": [{"name": "prune", "amout": 0.5}, {"name": "int8"}]}}
+    with pytest.raises(ConfigError) as e:
+        validate(raw)
+    assert str(e.value).startswith("codec.down.0.amout: unknown key (did you mean 'amount'?)"), str(e.value)
+
+
+REQUANTIZE = "it would quantize already-quantized values again; a pipeline takes one quantizing stage " \
+             "(quantize or int8), and after it only prune, or topk with error_feedback: false"
+
+
+@pytest.mark.parametrize("specs,message", [
+    ([{"name": "quantize", "bits": 4}, {"name": "quantize", "bits": 2}],
+     f"codec.up.1: quantize cannot follow quantize (codec.up.0): {REQUANTIZE}"),
+    ([{"name": "quantize", "bits": 4}, {"name": "int8"}], f"codec.up.1: int8 cannot follow quantize (codec.up.0): "
+                                                          f"{REQUANTIZE}"),
+    ([{"name": "int8"}, {"name": "quantize", "bits": 4}], f"codec.up.1: quantize cannot follow int8 (codec.up.0): "
+                                                          f"{REQUANTIZE}"),
+    ([{"name": "int8"}, {"name": "prune", "amount": 0.5}, {"name": "int8"}],
+     f"codec.up.2: int8 cannot follow int8 (codec.up.0): {REQUANTIZE}"),
+    ([{"name": "quantize", "bits": 4}, {"name": "topk", "ratio": 0.1}],
+     "codec.up.1: topk cannot follow quantize (codec.up.0): its error feedback adds a float residual to the "
+     "quantized values, which then travel as float32 (move topk before the quantizer); a pipeline takes one "
+     "quantizing stage"),
+])
+def test_stages_that_undo_a_quantizer_are_refused(specs, message) -> None:
+    with pytest.raises(ValueError) as e:
+        build_pipeline(specs, field="codec.up")
+    assert str(e.value).startswith(message), str(e.value)
+
+
+@pytest.mark.parametrize("specs", [
+    [{"name": "prune", "amount": 0.5}, {"name": "int8"}],
+    [{"name": "int8"}, {"name": "prune", "amount": 0.5}],
+    [{"name": "topk", "ratio": 0.1}, {"name": "quantize", "bits": 4}],
+    [{"name": "quantize", "bits": 4}, {"name": "topk", "ratio": 0.1, "error_feedback": False}],
+    [{"name": "prune", "amount": 0.5}, {"name": "quantize", "bits": 4}, {"name": "prune", "amount": 0.2}],
+])
+def test_one_quantizer_with_sparsifiers_around_it_is_accepted(specs) -> None:
+    assert isinstance(build_pipeline(specs, field="codec.up"), Pipeline)
+
+
+def test_a_quantizer_followed_by_topk_with_error_feedback_really_loses_the_grid() -> None:
+    # Why quantize -> topk(error_feedback) is refused: from the second encode on it sends float32.
+    from fedslim.codecs import Quantize, TopK
+
+    codec = Pipeline([Quantize(bits=4), TopK(ratio=0.1)])
+    kinds = []
+    for r in range(2):
+        codec.encode({"w": torch.randn(50, 50, generator=torch.Generator().manual_seed(r))}, ctx(["w"]))
+        kinds.append(codec.last_stats["tensors"]["w"]["values"])
+    assert kinds == ["sym", "float32"]
 
 
 def test_pipeline_from_config_and_registry() -> None:

@@ -108,3 +108,11 @@ def test_config_errors_name_the_field(tiny_cfg: dict) -> None:
             validate(_cfg(tiny_cfg, "x", {"name": "quantfl", "params": {"bits": bad}}))
     with pytest.raises(ConfigError, match=r"algorithm\.params\.rounding"):
         validate(_cfg(tiny_cfg, "x", {"name": "quantfl", "params": {"rounding": "floor"}}))
+
+
+@pytest.mark.parametrize("bad,shown", [(0, "0"), (17, "17"), (True, "True"), ("8", "'8'")])
+def test_bad_bits_message_shows_the_value_once(tiny_cfg: dict, bad: object, shown: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        validate(_cfg(tiny_cfg, "x", {"name": "quantfl", "params": {"bits": bad}}))
+    assert str(e.value) == ("algorithm.params.bits: must be an integer from 1 to 16, or 32 for no quantization "
+                            f"(got {shown})")

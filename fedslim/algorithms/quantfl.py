@@ -55,7 +55,8 @@ class QuantFLParams(BaseModel):
     @classmethod
     def _bits(cls, v: object) -> object:
         if isinstance(v, bool) or not isinstance(v, int) or not (1 <= v <= 16 or v == 32):
-            raise ValueError(f"must be an integer from 1 to 16, or 32 for no quantization (got {v!r})")
+            # no "(got ...)" here: the config error adds the value
+            raise ValueError("must be an integer from 1 to 16, or 32 for no quantization")
         return v
 
 

@@ -7,7 +7,8 @@ Config form (``codec.up`` / ``codec.down``, stages applied in order)::
     [{name: topk, ratio: 0.01, error_feedback: true}]
 
 ``build_pipeline(specs, field)`` turns such a list into one :class:`Codec` (``ExactCodec`` when it is
-empty). The wire format is documented in :mod:`fedslim.codecs.wire`.
+empty). A pipeline takes at most one quantizing stage (``quantize`` or ``int8``); after it only ``prune``
+or ``topk`` with ``error_feedback: false`` may follow. The wire format is documented in :mod:`fedslim.codecs.wire`.
 """
 
 from __future__ import annotations

@@ -26,6 +26,7 @@ class Int8(Stage):
 
     name = "int8"
     Params = Int8Params
+    quantizes = True
 
     def __init__(self, params: StageParams | None = None, **fields: object):
         super().__init__(params, **fields)

@@ -1,7 +1,8 @@
 """A codec made of stages, built from config, and the data-free ``compress_state`` API.
 
 ``build_pipeline([{name: prune, amount: 0.5}, {name: int8}], field="codec.down")`` validates each
-stage's fields (one pydantic model per stage, unknown keys rejected) and returns a :class:`Pipeline`.
+stage's fields (one pydantic model per stage, unknown keys rejected), refuses orders that undo a
+quantizer (:func:`check_order`) and returns a :class:`Pipeline`.
 Encoding runs the stages in order on the tensors named in ``ctx.compressible`` (floating point only),
 then writes every tensor in the format of :mod:`fedslim.codecs.wire`; every other tensor travels
 raw and bit-exact.
@@ -126,9 +127,25 @@ def build_stage(spec: dict[str, Any] | Stage, field: str) -> Stage:
     return cls.from_spec(spec, field)
 
 
+def check_order(stages: list[Stage], field: str) -> None:
+    """Refuse stages that undo a quantizer: a second quantizer re-quantizes its values (the first one's
+    error stays, its bits never reach the wire), and top-k error feedback takes them off the grid."""
+    first = next((i for i, s in enumerate(stages) if s.quantizes), None)
+    if first is None:
+        return
+    for i in range(first + 1, len(stages)):
+        why = stages[i].conflict_after_quantizer()
+        if why is not None:
+            q = stages[first].name
+            raise ValueError(f"{field}.{i}: {stages[i].name} cannot follow {q} ({field}.{first}): {why}; a "
+                             f"pipeline takes one quantizing stage (quantize or int8), and after it only "
+                             f"prune, or topk with error_feedback: false")
+
+
 def build_pipeline(specs: Iterable[dict[str, Any] | Stage] | None, field: str = "codec") -> Codec:
     """Config stages -> codec. Errors are ``ValueError`` starting with the field path."""
     stages = [build_stage(s, f"{field}.{i}") for i, s in enumerate(specs or [])]
+    check_order(stages, field)
     return Pipeline(stages) if stages else ExactCodec()
 
 

@@ -46,6 +46,7 @@ class Quantize(Stage):
 
     name = "quantize"
     Params = QuantizeParams
+    quantizes = True
     params: QuantizeParams
 
     @property

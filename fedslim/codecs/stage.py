@@ -8,16 +8,17 @@ The wire encoding (:mod:`fedslim.codecs.wire`) is chosen afterwards from what th
 
 from __future__ import annotations
 
-import difflib
+import functools
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, create_model, field_validator
 
 from fedslim.codecs.base import CodecContext
 from fedslim.codecs.grid import Grid
+from fedslim.config import format_validation_error
 
 
 @dataclass
@@ -84,6 +85,7 @@ class Stage:
 
     name: ClassVar[str] = "stage"
     Params: ClassVar[type[StageParams]] = StageParams
+    quantizes: ClassVar[bool] = False  # snaps values to a grid; a pipeline takes at most one such stage
 
     def __init__(self, params: StageParams | None = None, **fields: Any):
         self.params = params if params is not None else self.Params(**fields)
@@ -103,6 +105,10 @@ class Stage:
     def apply(self, works: list[Work], ctx: CodecContext, report: Report) -> None:
         raise NotImplementedError
 
+    def conflict_after_quantizer(self) -> str | None:
+        """Why this stage cannot follow a quantizing stage, or None when it leaves the grid values alone."""
+        return "it would quantize already-quantized values again" if self.quantizes else None
+
     def finish(self, works: list[Work], decoded: dict[str, np.ndarray], ctx: CodecContext) -> None:
         """Called with the values the receiver will decode (flat float64), once the bytes exist."""
 
@@ -117,15 +123,23 @@ class Stage:
         return f"{self.name}({fields})" if fields else self.name
 
 
+@functools.cache
+def _spec_model(params: type[BaseModel]) -> type[BaseModel]:
+    """``params`` plus ``name``: the keys a stage's mapping may hold (for the list of valid keys)."""
+    return create_model(f"{params.__name__}Spec", __base__=params, name=(str, ...))
+
+
 def format_params_error(e: ValidationError, model: type[BaseModel], field: str) -> str:
-    """First error of ``e`` as one line starting with the field path."""
-    err = e.errors()[0]
+    """First error of ``e`` as one line starting with the field path; an unknown key comes first, as it
+    is most likely the misspelling of a required key that is also reported missing."""
+    errors = e.errors()
+    extra = [err for err in errors if err["type"] == "extra_forbidden"]
+    if extra:
+        only = ValidationError.from_exception_data(
+            e.title, [{"type": "extra_forbidden", "loc": extra[0]["loc"], "input": extra[0]["input"]}])
+        return format_validation_error(only, _spec_model(model), f"{field}.")
+    err = errors[0]
     loc = ".".join(str(p) for p in err["loc"])
-    allowed = list(model.model_fields)
-    if err["type"] == "extra_forbidden":
-        close = difflib.get_close_matches(loc, allowed, n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
-        return f"{field}: unknown key '{loc}'{hint}; allowed: {', '.join(['name', *allowed])}"
     where = f"{field}.{loc}" if loc else field
     msg = err["msg"].removeprefix("Value error, ")
     if err["type"] == "missing":

@@ -84,6 +84,12 @@ class TopK(Stage):
                 w.zero_out(~part)
         report.ask_sparsity(1.0 - p.ratio)
 
+    def conflict_after_quantizer(self) -> str | None:
+        if self.params.error_feedback:
+            return ("its error feedback adds a float residual to the quantized values, which then travel "
+                    "as float32 (move topk before the quantizer)")
+        return None
+
     def finish(self, works: list[Work], decoded: dict[str, np.ndarray], ctx: CodecContext) -> None:
         if self._pending is None:
             return
