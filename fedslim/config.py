@@ -129,6 +129,18 @@ class DevicesConfig(Strict):
         "fixed", description="fixed: by client index; random: seeded once; dynamic: re-drawn each round"
     )
 
+    @field_validator("tiers")
+    @classmethod
+    def _unique_names(cls, v: list[DeviceTier]) -> list[DeviceTier]:
+        # Tiers are looked up, reported and given HeteroFL levels by name: a second one would be lost.
+        seen: dict[str, int] = {}
+        for i, t in enumerate(v):
+            if t.name in seen:
+                raise ValueError(f"devices.tiers.{i}.name: tier name {t.name!r} is already used by "
+                                 f"devices.tiers.{seen[t.name]}; tier names must be unique")
+            seen[t.name] = i
+        return v
+
 
 class EvalConfig(Strict):
     every: int = Field(1, ge=1, description="evaluate every k rounds (and always at the last)")
@@ -221,7 +233,9 @@ def _model_fields(model: type[BaseModel], path: list[str | int]) -> list[str]:
     """Valid keys at ``path`` inside ``model`` (for 'did you mean')."""
     cur: Any = model
     for part in path:
-        if isinstance(part, int) or not (isinstance(cur, type) and issubclass(cur, BaseModel)):
+        if isinstance(part, int):  # an index into a list of models (devices.tiers.0): same model
+            continue
+        if not (isinstance(cur, type) and issubclass(cur, BaseModel)):
             return []
         f = cur.model_fields.get(part)
         if f is None:
@@ -298,8 +312,12 @@ def load_raw(path: str | Path | None) -> dict[str, Any]:
     if path is None:
         return {}
     p = Path(path)
-    if not p.is_file():
+    if p.is_dir():
+        raise ConfigError(f"config file {str(p)!r} is a directory; expected a YAML config file")
+    if not p.exists():
         raise ConfigError(f"config file {str(p)!r} not found")
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} is not a regular file; expected a YAML config file")
     try:
         raw = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as e:

@@ -33,6 +33,9 @@ def test_defaults_validate() -> None:
         ({"engine": {"threads": 5000}}, "engine.threads: Input should be less than or equal to 1024"),
         ({"engine": {"threads": 10**20}}, "engine.threads"),
         ({"devices": {"tiers": []}}, "devices.tiers: List should have at least 1 item"),
+        ({"devices": {"tiers": [{"name": "a", "widht": 0.5}]}}, "did you mean 'devices.tiers.0.width'"),
+        ({"devices": {"tiers": [{"name": "a"}, {"name": "b"}, {"name": "a", "width": 0.5}]}},
+         "devices.tiers.2.name: tier name 'a' is already used by devices.tiers.0; tier names must be unique"),
     ],
 )
 def test_bad_configs_are_one_line_and_name_the_field(raw: dict, expected: str) -> None:
@@ -88,3 +91,16 @@ def test_example_configs_validate() -> None:
     for p in examples:
         cfg = load_config(p)
         assert isinstance(cfg, RunConfig), p
+
+
+def test_config_path_that_is_a_directory_says_so(tmp_path, capsys) -> None:
+    from fedslim.cli import main
+
+    with pytest.raises(ConfigError, match="is a directory; expected a YAML config file"):
+        load_config(tmp_path)
+    out = tmp_path / "runs"
+    for argv in (["config", str(tmp_path)], ["run", str(tmp_path), "-q", "--output-dir", str(out)]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err == f"fedslim: config error: config file '{tmp_path}' is a directory; expected a YAML config file\n"
+    assert not out.exists()

@@ -115,6 +115,15 @@ def test_infeasible_settings_name_the_field() -> None:
         make_partition(y, 3, PartitionConfig(kind="pathological", classes_per_client=2), 0)
 
 
+def test_pathological_with_more_classes_per_client_than_classes_is_refused() -> None:
+    y = labels_like_mnist(2000)
+    with pytest.raises(ValueError, match=r"^data.partition.classes_per_client: 11 is more than the 10 classes in "
+                                         r"the training data; use at most 10"):
+        make_partition(y, 10, PartitionConfig(kind="pathological", classes_per_client=11), 0)
+    parts = make_partition(y, 10, PartitionConfig(kind="pathological", classes_per_client=10), 0)  # the limit
+    assert_disjoint_cover(parts, len(y))
+
+
 def test_split_local_test_single_and_per_client() -> None:
     rng = np.random.default_rng(0)
     idx = np.arange(100, 200)

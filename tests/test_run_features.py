@@ -85,3 +85,61 @@ def test_missing_dataset_says_how_to_download(tmp_path: Path, capsys) -> None:
                  "--output-dir", str(tmp_path / "runs")]) == 1
     err = capsys.readouterr().err
     assert "fedslim data download" in err
+
+
+def _run_cli(cfg: dict, tmp_path: Path, *argv: str) -> int:
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    return main(["run", str(p), "-q", *argv])
+
+
+def test_pathological_above_the_class_count_is_refused_before_the_run_folder(tiny_cfg: dict, tmp_path: Path,
+                                                                             capsys) -> None:
+    tiny_cfg["data"]["partition"] = {"kind": "pathological", "classes_per_client": 5}  # 4 classes
+    assert _run_cli(tiny_cfg, tmp_path) == 1
+    err = capsys.readouterr().err
+    assert err == ("fedslim: data.partition.classes_per_client: 5 is more than the 4 classes in the training "
+                   "data; use at most 4 (or data.partition.kind=iid)\n")
+    assert not Path(tiny_cfg["output_dir"]).exists()
+
+
+@pytest.mark.parametrize(("model", "shape", "need"), [("vgg16", [1, 8, 8], "at least 32x32"),
+                                                      ("alexnet", [1, 3, 3], "at least 4x4"),
+                                                      ("lenet5", [1, 3, 3], "at least 4x4")])
+def test_model_too_big_for_the_input_names_model_name_and_leaves_no_folder(
+        tiny_cfg: dict, tmp_path: Path, capsys, model: str, shape: list[int], need: str) -> None:
+    tiny_cfg["model"] = {"name": model}
+    tiny_cfg["data"]["options"]["shape"] = shape
+    assert _run_cli(tiny_cfg, tmp_path) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith(f"fedslim: model.name: '{model}' needs inputs of {need} ")
+    assert f"data.dataset 'synthetic' has samples of shape {tuple(shape)}" in err
+    fit = err.split("models that fit: ")[1].strip().split(", ")
+    assert "mlp" in fit and model not in fit
+    assert not Path(tiny_cfg["output_dir"]).exists()
+
+
+def test_model_that_fails_to_build_leaves_no_run_folder(tiny_cfg: dict, tmp_path: Path, capsys) -> None:
+    tiny_cfg["model"] = {"name": "lenet5", "options": {"norm": "xx"}}  # only the model itself checks options
+    assert _run_cli(tiny_cfg, tmp_path) == 1
+    assert "model.options.norm" in capsys.readouterr().err
+    assert not Path(tiny_cfg["output_dir"]).exists()
+
+
+def test_download_to_a_file_is_refused_before_any_download(tmp_path: Path, capsys) -> None:
+    # An unreachable --base-url: were the check gone, nothing would reach the network either.
+    unreachable = ["--base-url", "http://127.0.0.1:9"]
+    f = tmp_path / "afile"
+    f.write_text("kept")
+    assert main(["data", "download", "mnist", "--to", str(f), *unreachable]) == 1
+    assert capsys.readouterr().err == (f"error: --to {f} is a file; --to must be a directory (the data folder "
+                                       f"to download into)\n")
+    assert main(["data", "download", "mnist", "--to", str(f / "sub"), *unreachable]) == 1
+    assert f"--to {f / 'sub'} cannot be made: {f} is a file; --to must be a directory" in capsys.readouterr().err
+    d = tmp_path / "data"
+    d.mkdir()
+    (d / "mnist").write_text("kept")
+    assert main(["data", "download", "mnist", "--to", str(d), *unreachable]) == 1
+    assert f"{d / 'mnist'} is a file, not a directory, and mnist's files go into that folder" in capsys.readouterr().err
+    assert f.read_text() == "kept" and (d / "mnist").read_text() == "kept" and sorted(tmp_path.iterdir()) == [f, d]

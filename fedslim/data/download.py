@@ -167,6 +167,13 @@ def download(name: str, to: Path, base_url: str | None = None, *, log: Log | Non
                         + ", ".join(entry["files"]))
     to = Path(to).expanduser()
     dest = to / entry["folder"] if entry["folder"] else to
+    for d in (dest, *dest.parents):  # before any download: mkdir would only say "[Errno 20] ..."
+        if d.exists() and not d.is_dir():
+            if d == dest != to:
+                raise DataError(f"--to {to}: {d} is a file, not a directory, and {canon}'s files go into that "
+                                f"folder; move the file away or choose another --to")
+            what = "is a file" if d == to else f"cannot be made: {d} is a file"
+            raise DataError(f"--to {to} {what}; --to must be a directory (the data folder to download into)")
     created = [p for p in [to, dest] if not p.exists()]
     dest.mkdir(parents=True, exist_ok=True)
     out: list[Path] = []

@@ -125,6 +125,9 @@ def pathological(labels: np.ndarray, num_clients: int, cfg: PartitionConfig,
     k = cfg.classes_per_client
     shards = num_clients * k
     classes = np.unique(labels)
+    if k > len(classes):  # more shards each than there are labels: clients would hold nearly all, as if IID
+        raise ValueError(f"data.partition.classes_per_client: {k} is more than the {len(classes)} classes in "
+                         f"the training data; use at most {len(classes)} (or data.partition.kind=iid)")
     if shards < len(classes):
         raise ValueError(f"data.partition.classes_per_client: {num_clients} clients x {k} shards = {shards} "
                          f"cannot cover all {len(classes)} classes; need at least {len(classes)} shards")

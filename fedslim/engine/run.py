@@ -186,6 +186,7 @@ class Runner:
         root = cfg.data.root or self.data_dir or os.environ.get("FEDSLIM_DATA")
         bundle = load_dataset(cfg.data.dataset, root, train_subset=cfg.data.train_subset,
                               test_subset=cfg.data.test_subset, options=cfg.data.options)
+        self._check_model_fits(bundle.num_classes, tuple(bundle.input_shape))
         labels = bundle.train.y.numpy()
         parts = make_partition(labels, cfg.data.num_clients, cfg.data.partition, cfg.seed)
         test_parts = None
@@ -211,6 +212,28 @@ class Runner:
         up = own_up() if callable(own_up) else None
         self.codec_up: Codec = up or build_pipeline([s.model_dump() for s in cfg.codec.up], "codec.up")
         self.tally = {"up": CodecTally(), "down": CodecTally()}
+
+    def _check_model_fits(self, num_classes: int, input_shape: tuple[int, ...]) -> None:
+        """Refuse a model the dataset's samples are too small for (VGG-16 on MNIST), naming model.name and
+        the models that do fit, before a worker starts or anything is written."""
+        from fedslim.models.layers import InputTooSmallError
+
+        m = self.cfg.model
+        try:
+            _build_on_meta(m.name, num_classes, input_shape, m.width, m.options)
+        except InputTooSmallError as e:
+            fit = []
+            for name in plugins.MODELS.names():
+                try:
+                    _build_on_meta(name, num_classes, input_shape, m.width, {})
+                except Exception:  # noqa: BLE001 - too small, or not buildable this way: not offered
+                    continue
+                fit.append(name)
+            raise RunError(f"model.name: {m.name!r} needs inputs of {e.need}, but data.dataset "
+                           f"{self.cfg.data.dataset!r} has samples of shape {input_shape}; models that fit: "
+                           f"{', '.join(fit) or 'none registered'}") from None
+        except Exception:  # noqa: BLE001 - any other problem is reported where setup builds the model
+            return
 
     def _write_partition_report(self) -> None:
         from fedslim.data.report import format_label_report, label_counts, plot_label_counts
@@ -293,10 +316,14 @@ class Runner:
         cfg = self.cfg
         self._check_run_dir()
         self._build()
+        try:
+            self.algo.setup()  # before the folder is made: a model that cannot be built leaves none behind
+        except BaseException:
+            self.backend.close()
+            raise
         self.run_dir.mkdir(parents=True, exist_ok=True)
         start_round, rows, cum = 1, [], {"up": 0, "down": 0, "sim_time_s": 0.0}
         timings: list[dict[str, Any]] = []
-        self.algo.setup()
         if self.resume:
             ck = load_checkpoint(self.run_dir / CHECKPOINT_FILE)
             if ck.get("version") != CHECKPOINT_VERSION:
@@ -472,6 +499,15 @@ class Runner:
         if callable(describe):
             lines += describe(s)
         self._say("\n".join(lines))
+
+
+def _build_on_meta(name: str, num_classes: int, input_shape: tuple[int, ...], width: float,
+                   options: dict[str, Any]) -> None:
+    """Build a model on the meta device: its checks run, no memory is filled and no RNG is drawn."""
+    from fedslim.models import build_model
+
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):
+        build_model(name, num_classes=num_classes, input_shape=input_shape, width=width, **options)
 
 
 def _human(n: float) -> str:

@@ -191,9 +191,20 @@ def conv_out(n: int, kernel: int, stride: int = 1, padding: int = 0) -> int:
     return (n + 2 * padding - kernel) // stride + 1
 
 
+class InputTooSmallError(ValueError):
+    """A model cannot take samples this small; ``need`` says what it needs (e.g. 'at least 32x32 (...)')."""
+
+    def __init__(self, model: str, input_shape: tuple[int, ...], need: str):
+        super().__init__(f"model '{model}': input_shape {tuple(input_shape)} is too small; it needs {need}")
+        self.model, self.input_shape, self.need = model, tuple(input_shape), need
+
+    def __reduce__(self) -> tuple[Any, ...]:  # a worker process's error must unpickle in the parent
+        return type(self), (self.model, self.input_shape, self.need)
+
+
 def require_spatial(model: str, input_shape: tuple[int, int, int], out_size: Callable[[int], int],
                     why: str) -> None:
-    """Raise a ValueError naming the smallest usable input if ``out_size`` of H or W is below 1.
+    """Raise :class:`InputTooSmallError` naming the smallest usable input if ``out_size`` of H or W is below 1.
 
     ``out_size`` maps one spatial side to the side left after the network's last down-sampling; it
     must be monotone (it is for every stack of convolutions and poolings).
@@ -203,5 +214,4 @@ def require_spatial(model: str, input_shape: tuple[int, int, int], out_size: Cal
         return
     smallest = next((n for n in range(1, 4097) if out_size(n) >= 1), None)
     need = f"at least {smallest}x{smallest}" if smallest else "a larger input"
-    raise ValueError(f"model '{model}': input_shape {tuple(input_shape)} is too small; it needs "
-                     f"{need} ({why})")
+    raise InputTooSmallError(model, input_shape, f"{need} ({why})")
