@@ -104,6 +104,18 @@ class CodecStage(BaseModel):
     model_config = ConfigDict(extra="allow")
     name: str
 
+    @model_validator(mode="before")
+    @classmethod
+    def _needs_name(cls, v: Any) -> Any:
+        # Extra keys are the stage's own, so a misspelt 'name' would only be reported as missing.
+        if isinstance(v, dict) and "name" not in v:
+            from fedslim import plugins
+
+            close = difflib.get_close_matches("name", [str(k) for k in v], n=1)
+            hint = f"'{close[0]}' is not a key (did you mean 'name'?); " if close else ""
+            raise ValueError(f"{hint}every stage needs a name, one of {', '.join(plugins.CODECS.names())}")
+        return v
+
 
 class CodecConfig(Strict):
     down: list[CodecStage] = Field(default_factory=list, description="downlink pipeline (server->client)")
@@ -248,7 +260,9 @@ def _model_fields(model: type[BaseModel], path: list[str | int]) -> list[str]:
 
 
 def format_validation_error(err: ValidationError, root: type[BaseModel] = RunConfig, prefix: str = "") -> str:
-    e = err.errors()[0]
+    errors = err.errors()
+    # An unknown key first: it is most likely the misspelling of a required key also reported missing.
+    e = next((x for x in errors if x["type"] == "extra_forbidden"), errors[0])
     loc = [p for p in e["loc"] if not (isinstance(p, str) and p.startswith("function-"))]
     field = prefix + ".".join(str(p) for p in loc)
     if e["type"] == "extra_forbidden":
@@ -266,7 +280,7 @@ def format_validation_error(err: ValidationError, root: type[BaseModel] = RunCon
         msg = msg.replace("Input should be", "must be one of")
     got = e.get("input")
     shown = "" if isinstance(got, dict | list) or got is None else f" (got {got!r})"
-    more = f" [+{len(err.errors()) - 1} more]" if len(err.errors()) > 1 else ""
+    more = f" [+{len(errors) - 1} more]" if len(errors) > 1 else ""
     return f"{field or '<root>'}: {msg}{shown}{more}"
 
 

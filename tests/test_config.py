@@ -36,6 +36,11 @@ def test_defaults_validate() -> None:
         ({"devices": {"tiers": [{"name": "a", "widht": 0.5}]}}, "did you mean 'devices.tiers.0.width'"),
         ({"devices": {"tiers": [{"name": "a"}, {"name": "b"}, {"name": "a", "width": 0.5}]}},
          "devices.tiers.2.name: tier name 'a' is already used by devices.tiers.0; tier names must be unique"),
+        # A misspelt required key: the typo is named, not the key it left missing.
+        ({"devices": {"tiers": [{"nme": "a"}]}},
+         "devices.tiers.0.nme: unknown key (did you mean 'devices.tiers.0.name'?)"),
+        ({"codec": {"up": [{"nme": "quantize"}]}},
+         "codec.up.0: 'nme' is not a key (did you mean 'name'?); every stage needs a name, one of int8, prune, "),
     ],
 )
 def test_bad_configs_are_one_line_and_name_the_field(raw: dict, expected: str) -> None:
