@@ -206,7 +206,7 @@ def test_cli_download_info_verify(served: tuple[Server, Path], tmp_path: Path,
 def test_cli_errors_are_one_line_without_traceback(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert run_cli("data", "info", "mnist", "--data-dir", str(tmp_path)) == 1
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("error: ") and "Traceback" not in err
+    assert err.count("\n") == 1 and err.startswith("fedslim: ") and "Traceback" not in err
     assert "fedslim data download mnist --to DIR" in err
     assert run_cli("data", "download", "imagenet", "--to", str(tmp_path)) == 1
     assert "downloadable: cifar10, cifar10-jpeg, fmnist, mnist" in capsys.readouterr().err

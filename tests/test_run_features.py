@@ -133,7 +133,7 @@ def test_download_to_a_file_is_refused_before_any_download(tmp_path: Path, capsy
     f = tmp_path / "afile"
     f.write_text("kept")
     assert main(["data", "download", "mnist", "--to", str(f), *unreachable]) == 1
-    assert capsys.readouterr().err == (f"error: --to {f} is a file; --to must be a directory (the data folder "
+    assert capsys.readouterr().err == (f"fedslim: --to {f} is a file; --to must be a directory (the data folder "
                                        f"to download into)\n")
     assert main(["data", "download", "mnist", "--to", str(f / "sub"), *unreachable]) == 1
     assert f"--to {f / 'sub'} cannot be made: {f} is a file; --to must be a directory" in capsys.readouterr().err

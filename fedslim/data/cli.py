@@ -25,10 +25,10 @@ def _guard(fn: Handler) -> Handler:
         try:
             return fn(args)
         except (DataError, ValueError, UnknownNameError, OSError) as e:
-            print(f"error: {e}", file=sys.stderr)
+            print(f"fedslim: {e}", file=sys.stderr)
             return 1
         except KeyboardInterrupt:
-            print("error: interrupted", file=sys.stderr)
+            print("fedslim: interrupted", file=sys.stderr)
             return 130
 
     return run
@@ -102,7 +102,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         bad += not ok
         print(f"{'ok  ' if ok else 'FAIL'}  {path}: {msg}")
     if bad:
-        print(f"error: {bad} of {len(results)} files failed verification", file=sys.stderr)
+        print(f"fedslim: {bad} of {len(results)} files failed verification", file=sys.stderr)
         return 1
     return 0
 
