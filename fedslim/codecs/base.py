@@ -168,4 +168,5 @@ def check_finite(tensors: State, ctx: CodecContext) -> None:
                 if ctx.direction == "down" else f"client {ctx.client}"
             bad = int((~torch.isfinite(t)).sum())
             raise CodecError(f"round {ctx.round}: {who} tried to send tensor {name!r} containing NaN or Inf "
-                             f"({bad} of {t.numel()} elements)")
+                             f"({bad} of {t.numel()} elements): training diverged; try a lower "
+                             f"train.optimizer.lr")
