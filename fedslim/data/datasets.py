@@ -415,21 +415,16 @@ def read_image_tree(tree: Path, *, cache: bool, shuffle: bool = False) -> Splits
     for split in ("train", "test"):
         if not (tree / split).is_dir():
             raise DataError(f"{tree / split}: folder not found (expected {tree}/{{train,test}}/<class>/<image>)")
-    cpath = cache_path(tree, shuffle) if cache else None
-    signature = ""
-    if cpath is not None:
-        signature, newest = _tree_signature(tree, shuffle)
-        if (got := _cached(cpath, signature, newest)) is not None:
-            return got
-    xtr, ytr, classes = formats.read_image_folder(tree / "train")
-    xte, yte, _ = formats.read_image_folder(tree / "test", classes)
-    if xtr.shape[1:] != xte.shape[1:]:
-        raise DataError(f"{tree / 'test'}: images are {xte.shape[1:]} (C, H, W) but the training images are "
-                        f"{xtr.shape[1:]}")
-    splits = _fixed_order({"train": (xtr, ytr, classes), "test": (xte, yte, classes)}, shuffle)
-    if cpath is not None:
-        _write_cache(cpath, splits, signature)
-    return splits
+
+    def decode() -> Splits:
+        xtr, ytr, classes = formats.read_image_folder(tree / "train")
+        xte, yte, _ = formats.read_image_folder(tree / "test", classes)
+        if xtr.shape[1:] != xte.shape[1:]:
+            raise DataError(f"{tree / 'test'}: images are {xte.shape[1:]} (C, H, W) but the training images "
+                            f"are {xtr.shape[1:]}")
+        return _fixed_order({"train": (xtr, ytr, classes), "test": (xte, yte, classes)}, shuffle)
+
+    return _through_cache(tree, shuffle, cache, _tree_signature, decode)
 
 
 def read_image_archive(archive: Path, top: str, *, cache: bool, shuffle: bool = False) -> Splits:
@@ -439,21 +434,31 @@ def read_image_archive(archive: Path, top: str, *, cache: bool, shuffle: bool = 
     streaming them takes 3 s. The cache (see :func:`cache_path`) is tied to the archive's resolved
     path, size and mtime.
     """
-    cpath = cache_path(archive, shuffle) if cache else None
-    signature = ""
-    if cpath is not None:
-        signature, newest = _archive_signature(archive, shuffle)
-        if (got := _cached(cpath, signature, newest)) is not None:
-            return got
-    splits = formats.read_image_tar(archive, top)
-    if "test" not in splits:
-        raise DataError(f"{archive}: no {top}/test/<class>/<image> entries in the archive")
-    splits = _fixed_order({s: splits[s] for s in ("train", "test")}, shuffle)
-    if splits["train"][0].shape[1:] != splits["test"][0].shape[1:]:
-        raise DataError(f"{archive}: test images are {splits['test'][0].shape[1:]} (C, H, W) but the training "
-                        f"images are {splits['train'][0].shape[1:]}")
-    if cpath is not None:
-        _write_cache(cpath, splits, signature)
+
+    def decode() -> Splits:
+        splits = formats.read_image_tar(archive, top)
+        if "test" not in splits:
+            raise DataError(f"{archive}: no {top}/test/<class>/<image> entries in the archive")
+        splits = _fixed_order({s: splits[s] for s in ("train", "test")}, shuffle)
+        if splits["train"][0].shape[1:] != splits["test"][0].shape[1:]:
+            raise DataError(f"{archive}: test images are {splits['test'][0].shape[1:]} (C, H, W) but the "
+                            f"training images are {splits['train'][0].shape[1:]}")
+        return splits
+
+    return _through_cache(archive, shuffle, cache, _archive_signature, decode)
+
+
+def _through_cache(source: Path, shuffle: bool, cache: bool, signature: Callable[[Path, bool], tuple[str, int]],
+                   decode: Callable[[], Splits]) -> Splits:
+    """``decode()``, or its result cached for ``source`` while ``signature`` still matches."""
+    cpath = cache_path(source, shuffle) if cache else None
+    if cpath is None:
+        return decode()
+    sig, newest = signature(source, shuffle)
+    if (got := _cached(cpath, sig, newest)) is not None:
+        return got
+    splits = decode()
+    _write_cache(cpath, splits, sig)
     return splits
 
 
