@@ -156,6 +156,9 @@ def test_activation_estimate_is_the_widest_layer_pair() -> None:
     ({"devices": {"tiers": TIERS, "assignment": "dynamic"}}, "devices.assignment"),
     ({"algorithm": {"name": "hybridcomp", "params": {"finetune_epochs": 1}}}, "finetune_epochs"),
     ({"algorithm": {"name": "hybridcomp", "params": {"amounts": [0.5, 1.0]}}}, "algorithm.params.amounts"),
+    # a capable share too small for 10 devices: apportioned 0 of them, so nobody would train
+    ({"devices": {"tiers": [{"name": "a", "share": 0.01}, {"name": "b", "share": 0.99, "capable": False,
+                                                          "model_bytes": 10}]}}, "devices.tiers.0.share"),
 ])
 def test_config_errors(tiny_cfg: dict, change: dict, needle: str) -> None:
     cfg = {**_cfg(tiny_cfg), **change}
@@ -179,3 +182,13 @@ def test_memory_budget_counts_activations(tiny_cfg: dict) -> None:
     mid = summary["tiers"]["mid"]
     assert mid["rung"] not in (None, "dense", "int8")
     assert ladder[mid["rung"]]["memory_bytes"] <= budget
+
+
+def test_a_capable_tier_of_one_device_is_accepted(tiny_cfg: dict) -> None:
+    # 10 % of 10 devices is one capable device: enough to train, so no error (the bound is not too strict)
+    cfg = {**_cfg(tiny_cfg), "devices": {"tiers": [{"name": "a", "share": 0.1},
+                                                   {"name": "b", "share": 0.9, "capable": False, "model_bytes": 10}]}}
+    assert validate(cfg).devices.tiers[0].share == 0.1
+    with pytest.raises(ConfigError, match=r"get 0 of the 10 devices"):
+        validate({**cfg, "devices": {"tiers": [{"name": "a", "share": 0.04}, *cfg["devices"]["tiers"][1:]]}})
+

@@ -62,6 +62,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from fedslim.algorithms.fedavg import FedAvg
 from fedslim.codecs import Codec, build_pipeline, compress_state
 from fedslim.config import RunConfig
+from fedslim.devices import split_counts
 from fedslim.engine.task import ClientResult, ClientTask, LocalTrain, State
 from fedslim.registry import ALGORITHMS
 from fedslim.results import atomic_write_bytes, atomic_write_text, to_json
@@ -178,6 +179,17 @@ class HybridCompFL(FedAvg):
         if cfg.devices.assignment == "dynamic":
             raise ValueError("devices.assignment: HybridCompFL deploys a model per device, so a device's tier "
                              "must not change between rounds; use fixed or random")
+        # Tiers get whole devices (largest remainder, as DevicePopulation does; fixed and random give the
+        # same counts): a capable share too small for data.num_clients leaves nobody to train.
+        counts = split_counts([t.share for t in tiers], cfg.data.num_clients)
+        if not any(n for t, n in zip(tiers, counts, strict=True) if t.capable):
+            capable = [i for i, t in enumerate(tiers) if t.capable]
+            share = sum(tiers[i].share for i in capable) / sum(t.share for t in tiers)
+            raise ValueError(f"devices.tiers.{capable[0]}.share: the capable tiers ("
+                             f"{', '.join(repr(tiers[i].name) for i in capable)}) get 0 of the "
+                             f"{cfg.data.num_clients} devices (data.num_clients) at a {share:.2%} share of the "
+                             f"population, so no device would train; raise their share to at least "
+                             f"1/{cfg.data.num_clients} of the total, or raise data.num_clients")
         field = "model_bytes" if p.budget == "model_bytes" else "memory_mb"
         for i, t in enumerate(tiers):
             if not t.capable and getattr(t, field) is None:
