@@ -192,3 +192,13 @@ def test_a_capable_tier_of_one_device_is_accepted(tiny_cfg: dict) -> None:
     with pytest.raises(ConfigError, match=r"get 0 of the 10 devices"):
         validate({**cfg, "devices": {"tiers": [{"name": "a", "share": 0.04}, *cfg["devices"]["tiers"][1:]]}})
 
+
+def test_unserved_because_of_min_metric_does_not_blame_the_budget(tiny_cfg: dict) -> None:
+    cfg = _cfg(tiny_cfg, "minm", min_metric=1.0, write_rungs=False)
+    cfg["devices"] = {"tiers": [TIERS[0], {"name": "mid", "share": 0.6, "capable": False, "model_bytes": 10**9}]}
+    summary = Runner(validate(cfg)).run()
+    assert max(r["f1_weighted"] for r in summary["ladder"]) < 1.0  # no rung is perfect on this data
+    assert summary["tiers"]["mid"]["rung"] is None
+    note = next(n for n in summary["notes"] if "'mid'" in n)
+    assert "no rung reaches algorithm.params.min_metric (f1_weighted >= 1)" in note
+    assert "below the smallest rung" not in note

@@ -386,13 +386,20 @@ class HybridCompFL(FedAvg):
         by_name = {r["rung"]: r for r in ladder}
         size_key = self._size_key
         good = [r for r in ladder if r[p.metric] >= p.min_metric]
-        smallest = min(good or ladder, key=lambda r: r[size_key])
         bar = f" of {p.metric} >= {p.min_metric:g}" if p.min_metric > 0 else ""
         unit = "B" if p.budget == "model_bytes" else "B of memory (encoded model + batch-1 activations)"
         for tier, rung in choice.items():
             if rung is None:
                 t = next(x for x in ctx.devices.tiers if x.name == tier)
                 members = [c for c in range(ctx.num_clients) if self.tier_of(c).name == tier]
+                if not good:
+                    # No rung passes min_metric: the budget is not the reason, whatever its size.
+                    top = max(ladder, key=self._rank)
+                    ctx.note(f"hybridcomp: tier '{tier}' ({len(members)} devices) is unserved: no rung reaches "
+                             f"algorithm.params.min_metric ({p.metric} >= {p.min_metric:g}); the best, "
+                             f"{top['rung']}, scores {top[p.metric]:.4f}")
+                    continue
+                smallest = min(good, key=lambda r: r[size_key])
                 budget = (f"model_bytes {t.model_bytes:,} B" if p.budget == "model_bytes"
                           else f"memory_mb {t.memory_mb:g} ({self.budget_of(t):,.0f} B)")
                 ctx.note(f"hybridcomp: tier '{tier}' ({len(members)} devices) is unserved: its budget {budget} is "
