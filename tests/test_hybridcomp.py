@@ -202,3 +202,36 @@ def test_unserved_because_of_min_metric_does_not_blame_the_budget(tiny_cfg: dict
     note = next(n for n in summary["notes"] if "'mid'" in n)
     assert "no rung reaches algorithm.params.min_metric (f1_weighted >= 1)" in note
     assert "below the smallest rung" not in note
+
+
+def test_memory_budget_table_and_early_note(tiny_cfg: dict) -> None:
+    spec = ModelSpec.make("mlp", 4, (1, 8, 8), 1.0, norm="none")
+    act = activation_bytes(spec)
+    cfg = _cfg(tiny_cfg, "mem2", budget="memory", write_rungs=False)
+    cfg["devices"] = {"tiers": [TIERS[0], {"name": "mid", "share": 0.4, "capable": False, "memory_mb": 1.0},
+                                {"name": "nano", "share": 0.2, "capable": False, "memory_mb": (act - 1) / 1e6}]}
+    runner = Runner(validate(cfg))
+    summary = runner.run()
+    # the activations alone exceed nano's budget: said before training, and before the closing note
+    early = [i for i, n in enumerate(summary["notes"]) if "'nano' can never be served" in n]
+    late = [i for i, n in enumerate(summary["notes"]) if "'nano' (2 devices) is unserved" in n]
+    assert early and late and early[0] < late[0]
+    assert f"({act - 1:,} B)" in summary["notes"][early[0]] and f"({act:,} B" in summary["notes"][early[0]]
+    mid = summary["tiers"]["mid"]
+    assert mid["rung_memory_bytes"] == mid["rung_bytes"] + act <= mid["budget"]
+    # the printed table shows the memory the budget is compared with, beside the budget
+    lines = runner.algo.describe_summary(summary)
+    header = next(x for x in lines if x.startswith("tier "))
+    assert header.split()[7:9] == ["memory", "budget"]
+    row = next(x for x in lines if x.startswith("mid ")).split()
+    assert row[7:9] == [f"{mid['rung_memory_bytes']:,}", f"{mid['budget']:,.0f}"]
+    assert summary["tiers"]["nano"]["rung_memory_bytes"] is None
+
+
+def test_model_bytes_table_has_no_memory_column(plain_run: tuple[dict, Path]) -> None:
+    summary, _ = plain_run
+    from fedslim.algorithms.hybridcomp import HybridCompFL
+
+    lines = HybridCompFL.describe_summary(None, summary)  # type: ignore[arg-type]  # uses only the summary
+    header = next(x for x in lines if x.startswith("tier "))
+    assert "memory" not in header and header.split()[7] == "budget"

@@ -218,6 +218,16 @@ class HybridCompFL(FedAvg):
             self.join_round = self.params.join_round or max(1, ctx.cfg.federation.rounds // 2)
         if len(self.capable) == ctx.num_clients:
             ctx.note("hybridcomp: every device is capable; the ladder is built but no device is constrained")
+        if self.params.budget == "memory":
+            # Known before training: no rung fits a memory budget below the activations alone. Said now,
+            # not after the last round (the tier stays in the population, and is reported unserved).
+            act = activation_bytes(self.spec)
+            for t in self._constrained_tiers():
+                if self.budget_of(t) < act:
+                    ctx.note(f"hybridcomp: tier '{t.name}' can never be served: its memory_mb {t.memory_mb:g} "
+                             f"({self.budget_of(t):,.0f} B) is below the batch-1 activation memory of "
+                             f"{self.spec.name} alone ({act:,} B, before any model bytes); it will be "
+                             f"reported unserved")
 
     def _compressible_names(self) -> frozenset[str]:
         from fedslim.engine.run import compressible_names  # the engine's rule, so rung sizes match the wire
@@ -473,6 +483,8 @@ class HybridCompFL(FedAvg):
                 "capable": t.capable, "devices": len(members), "served": len(served), "rung": rung,
                 "budget": None if t.capable else self.budget_of(t),
                 "rung_bytes": by_name[rung]["bytes"] if rung else None,
+                # what budget: memory compares with the budget (encoded size + batch-1 activations)
+                "rung_memory_bytes": by_name[rung]["memory_bytes"] if rung else None,
                 "ratio_vs_float32": by_name[rung]["ratio_vs_float32"] if rung else None,
                 "bytes_down": sum(d.get("bytes_down", 0) for d in members),
                 # capable devices trained on their training split: optimistic if that is what is scored
@@ -558,17 +570,26 @@ class HybridCompFL(FedAvg):
         lines += ladder_table(s.get("ladder", []))
         lines += ["", f"devices by tier (metric for 'most accurate': {s['deployment']['metric']}, budget: "
                       f"{s['deployment']['budget']}; local data: {s['local_split']} split):"]
+        # A memory budget is compared with the encoded size plus the activations, not with the bytes
+        # column: show that sum beside the budget, or a served tier can look over budget against a
+        # smaller, unserved one.
+        memory = s["deployment"]["budget"] == "memory"
+        mem_head = f" {'memory':>11}" if memory else ""
         header = (f"{'tier':<10} {'capable':>7} {'devices':>7} {'served':>6} {'rung':<16} {'bytes':>11} "
-                  f"{'ratio':>6} {'budget':>11} {'local acc':>9} {'local f1w':>9} {'tuned acc':>9}")
+                  f"{'ratio':>6}{mem_head} {'budget':>11} {'local acc':>9} {'local f1w':>9} {'tuned acc':>9}")
         lines += [header, "-" * len(header)]
         for name, t in s.get("tiers", {}).items():
             loc, tun = t.get("local") or {}, t.get("local_finetuned") or {}
+            mem = f" {_num(t.get('rung_memory_bytes')):>11}" if memory else ""
             lines.append(
                 f"{name[:10]:<10} {'yes' if t['capable'] else 'no':>7} {t['devices']:>7} {t['served']:>6} "
                 f"{(t['rung'] or 'UNSERVED'):<16} {_num(t['rung_bytes']):>11} "
-                f"{_fmt(t['ratio_vs_float32'], '.2f'):>6} "
+                f"{_fmt(t['ratio_vs_float32'], '.2f'):>6}{mem} "
                 f"{_num(t['budget']):>11} {_pct(loc.get('acc')):>9} {_pct(loc.get('f1_weighted')):>9} "
                 f"{_pct(tun.get('acc')):>9}")
+        if memory:
+            lines.append("memory = encoded rung + float32 activations of batch-1 inference; budget = memory_mb "
+                         "in bytes (10^6 per MB)")
         d = s["deployment"]
         lines.append(f"deployment: {d['served']} devices served, {d['unserved']} unserved, "
                      f"{d['bytes_down']:,} bytes sent to constrained devices")
