@@ -235,3 +235,37 @@ def test_model_bytes_table_has_no_memory_column(plain_run: tuple[dict, Path]) ->
     lines = HybridCompFL.describe_summary(None, summary)  # type: ignore[arg-type]  # uses only the summary
     header = next(x for x in lines if x.startswith("tier "))
     assert "memory" not in header and header.split()[7] == "budget"
+
+
+def test_resumed_join_run_matches_uninterrupted(tiny_cfg: dict) -> None:
+    def cfg(name: str) -> dict:
+        c = _cfg(tiny_cfg, name, constrained_join=True, join_round=1, finetune_epochs=1)
+        c["data"]["local_test_fraction"] = 0.25
+        return c
+
+    full = Runner(validate(cfg("full"))).run()
+
+    class Stop(Exception):
+        pass
+
+    runner = Runner(validate(cfg("part")))
+    original = runner._evaluate  # noqa: SLF001
+
+    def stop_after_round_2(rnd: int):  # a kill after round 2 was recorded (the tiers joined after round 1)
+        out = original(rnd)
+        if rnd == 3:
+            raise Stop
+        return out
+
+    runner._evaluate = stop_after_round_2  # type: ignore[method-assign]
+    with pytest.raises(Stop):
+        runner.run()
+    out = Path(tiny_cfg["output_dir"])
+    assert len((out / "part" / "metrics.jsonl").read_text().splitlines()) == 2
+    part = Runner(validate(cfg("part")), resume=True).run()
+    assert (out / "full" / "metrics.jsonl").read_bytes() == (out / "part" / "metrics.jsonl").read_bytes()
+    for f in ("ladder.csv", "devices.csv"):
+        assert (out / "full" / f).read_bytes() == (out / "part" / f).read_bytes()
+    assert part["tiers"] == full["tiers"] and part["join_rungs"] == full["join_rungs"] != {}
+    assert part["notes"] == full["notes"]
+    assert any("after round 1 constrained tiers join" in n for n in part["notes"])

@@ -288,8 +288,7 @@ class HybridCompFL(FedAvg):
             ladder = self.build_ladder(write=False)
             choice = self.choose(ladder)
             self.join_rungs = {t: r for t, r in choice.items() if r is not None}
-            joined = ", ".join(f"{t}: {r}" for t, r in self.join_rungs.items()) or "none"
-            self.ctx.note(f"hybridcomp: after round {round_} constrained tiers join with rungs ({joined})")
+            self._note_join(round_)
             return {**out, "join_rungs": dict(self.join_rungs)}
         return out
 
@@ -299,6 +298,12 @@ class HybridCompFL(FedAvg):
     def load_state_dict(self, s: dict[str, Any]) -> None:
         super().load_state_dict(s)
         self.join_rungs = dict(s.get("join_rungs", {}))
+        if self.join_rungs:  # a resumed run's summary still says who joined (the note is not checkpointed)
+            self._note_join(self.join_round)
+
+    def _note_join(self, round_: int) -> None:
+        joined = ", ".join(f"{t}: {r}" for t, r in self.join_rungs.items()) or "none"
+        self.ctx.note(f"hybridcomp: after round {round_} constrained tiers join with rungs ({joined})")
 
     # ------------------------------------------------------------------ the ladder
     def build_ladder(self, write: bool) -> list[dict[str, Any]]:
