@@ -156,6 +156,10 @@ def test_activation_estimate_is_the_widest_layer_pair() -> None:
     ({"devices": {"tiers": TIERS, "assignment": "dynamic"}}, "devices.assignment"),
     ({"algorithm": {"name": "hybridcomp", "params": {"finetune_epochs": 1}}}, "finetune_epochs"),
     ({"algorithm": {"name": "hybridcomp", "params": {"amounts": [0.5, 1.0]}}}, "algorithm.params.amounts"),
+    # one round: the default join_round is the last one, so constrained devices would never join
+    ({"algorithm": {"name": "hybridcomp", "params": {"constrained_join": True}},
+      "data": {"dataset": "synthetic", "num_clients": 10, "local_test_fraction": 0.2},
+      "federation": {"rounds": 1}}, "algorithm.params.constrained_join: constrained devices join after join_round"),
     # a capable share too small for 10 devices: apportioned 0 of them, so nobody would train
     ({"devices": {"tiers": [{"name": "a", "share": 0.01}, {"name": "b", "share": 0.99, "capable": False,
                                                           "model_bytes": 10}]}}, "devices.tiers.0.share"),

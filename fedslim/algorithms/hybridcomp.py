@@ -199,6 +199,11 @@ class HybridCompFL(FedAvg):
             what = "finetune_epochs" if p.finetune_epochs else "constrained_join"
             raise ValueError(f"algorithm.params.{what}: constrained devices then train on their data, so they are "
                              f"evaluated on a held-out local split; set data.local_test_fraction > 0 (e.g. 0.2)")
+        if p.constrained_join and p.join_round is None and cfg.federation.rounds < 2:
+            # the default, half the rounds (at least 1), is the last round: nobody would join
+            raise ValueError("algorithm.params.constrained_join: constrained devices join after join_round (default: "
+                             "half the rounds) and train from the next round, so federation.rounds must be at "
+                             f"least 2, got {cfg.federation.rounds}")
         if p.constrained_join and p.join_round is not None and p.join_round >= cfg.federation.rounds:
             raise ValueError(f"algorithm.params.join_round: must be below federation.rounds "
                              f"({cfg.federation.rounds}), got {p.join_round}")
