@@ -71,6 +71,15 @@ def report(runs: list[str], out_dir: str | None = None) -> str:
         for tier, m in (last.get("local") or {}).items():
             lines.append(f"{(p.name + ' local/' + tier)[:28]:<28} {'':<12} {'':<8} {last['round']:>4} "
                          f"{m['acc'] * 100:7.2f}")
+    deployed = [(p, s["deployment"]) for p, s, _ in loaded if isinstance(s.get("deployment"), dict)]
+    if deployed:
+        # Every method's 'down' counts the training rounds only; a model handed out once after training
+        # (HybridCompFL's compressed rungs) is a separate cost, shown beside it rather than added in.
+        lines.append("")
+        for p, d in deployed:
+            lines.append(f"{p.name}: plus {_fmt_bytes(d.get('bytes_down', 0))} deployed once after training to the "
+                         f"constrained devices ({d.get('served', 0)} devices served, {d.get('unserved', 0)} "
+                         f"unserved); not in 'down', which counts training rounds as for every method")
     unfinished = [(p, s, rows) for p, s, rows in loaded if s.get("unfinished")]
     if unfinished:
         lines.append("")
