@@ -220,6 +220,7 @@ def test_bad_model_split_is_a_one_line_config_error(bad, tiny_cfg):
     msg = str(e.value)
     assert msg.startswith("algorithm.params.model_split:") and "\n" not in msg
     assert "a1-b1-c1-d1-e1" in msg
+    assert msg.count(repr(bad)) == 1, msg  # the offending value once ('(got ...)'), not twice
 
 
 def _built(cfg: dict) -> Runner:

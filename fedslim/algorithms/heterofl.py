@@ -65,21 +65,23 @@ _SPLIT = re.compile(r"^[A-Za-z]\d*(-[A-Za-z]\d*)*$")
 _LABEL_BALANCED = {"iid", "quantity"}
 
 
-def parse_model_split(text: str, rates: dict[str, float]) -> list[tuple[str, float, int]]:
-    """'a1-b1-c1' -> [(letter, rate, share)]; a letter without a number has share 1."""
+def parse_model_split(text: str, rates: dict[str, float], *, quote: bool = True) -> list[tuple[str, float, int]]:
+    """'a1-b1-c1' -> [(letter, rate, share)]; a letter without a number has share 1. ``quote=False``
+    leaves the offending text out of the error (the config error adds it as '(got ...)')."""
     form = ("expected levels like 'a1-b1-c1-d1-e1' or 'a2-b8' (a letter from rates "
             f"{{{', '.join(sorted(rates))}}} with an optional integer share, joined by '-')")
+    got = f", got {text!r}" if quote else ""
     if not isinstance(text, str) or not _SPLIT.match(text.strip()):
-        raise ValueError(f"{form}, got {text!r}")
+        raise ValueError(f"{form}{got}")
     out, seen = [], set()
     for part in text.strip().split("-"):
         letter, share = part[0], int(part[1:] or 1)
         if letter not in rates:
-            raise ValueError(f"{form}; '{letter}' is not in rates, got {text!r}")
+            raise ValueError(f"{form}; '{letter}' is not in rates{got}")
         if letter in seen:
-            raise ValueError(f"{form}; '{letter}' appears twice, got {text!r}")
+            raise ValueError(f"{form}; '{letter}' appears twice{got}")
         if share < 1:
-            raise ValueError(f"{form}; shares must be >= 1, got {text!r}")
+            raise ValueError(f"{form}; shares must be >= 1{got}")
         seen.add(letter)
         out.append((letter, float(rates[letter]), share))
     return out
@@ -123,7 +125,7 @@ class HeteroFLParams(BaseModel):
     @classmethod
     def _check_split(cls, v: str | None, info: ValidationInfo) -> str | None:
         if v is not None:
-            parse_model_split(v, info.data.get("rates", PAPER_RATES))
+            parse_model_split(v, info.data.get("rates", PAPER_RATES), quote=False)
         return v
 
 
