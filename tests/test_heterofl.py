@@ -395,3 +395,22 @@ def test_scaler_without_a_normalization_layer_is_flagged_at_setup(tmp_path, mode
     assert bool(notes) == warned
     if warned:
         assert "multiplied by 16" in notes[0] and "model.options.norm=bn" in notes[0]
+
+
+@pytest.mark.parametrize("algo", ["heterofl", "fedrolex", "fed_dropout"])
+def test_static_bn_asked_for_on_a_model_without_batchnorm_is_a_config_error(tmp_path, algo):
+    params = {"model_split": "a1-e1", "static_bn": True, "scaler": False}
+    cfg = _cfg(tmp_path, params, algo=algo, shape=(1, 28, 28), width=1.0, model={"name": "lenet5"})
+    r = Runner(validate(cfg))
+    with pytest.raises(ConfigError) as e:
+        r.run()
+    msg = str(e.value)
+    assert msg.startswith("algorithm.params.static_bn:") and "lenet5" in msg and "\n" not in msg
+    assert "model.options.norm=bn" in msg and "static_bn=false" in msg
+    assert not r.run_dir.exists()
+    # The default (not asked for) stays silent, and with BatchNorm the explicit setting is fine.
+    _built(_cfg(tmp_path, {"model_split": "a1-e1", "scaler": False}, algo=algo, shape=(1, 28, 28), width=1.0,
+                model={"name": "lenet5"}))
+    _built(_cfg(tmp_path, params, algo=algo, shape=(1, 28, 28), width=1.0,
+                model={"name": "lenet5", "options": {"norm": "bn"}}))
+

@@ -51,7 +51,7 @@ from fedslim.algorithms.submodel import (
     state_shapes,
 )
 from fedslim.codecs import pack_exact
-from fedslim.config import RunConfig
+from fedslim.config import ConfigError, RunConfig
 from fedslim.devices import split_counts
 from fedslim.engine.server_opt import ServerOptimizer
 from fedslim.engine.task import ClientResult, ClientTask, ModelSpec, State
@@ -180,6 +180,11 @@ class HeteroFL(Algorithm):
         model = self.global_spec.build()
         self.param_keys = set(dict(model.named_parameters()))
         self.has_bn = any(True for _ in batch_norms(model))
+        if p.static_bn and "static_bn" in p.model_fields_set and not self.has_bn:
+            # Asked for explicitly, static BN on a model without BatchNorm would silently do nothing.
+            raise ConfigError(f"algorithm.params.static_bn: true needs BatchNorm layers, but model {cfg.model.name} "
+                              f"has none; set model.options.norm=bn (where the model offers it) or "
+                              f"algorithm.params.static_bn=false (allowed: true, false)")
         self.check_scaler(model)
         self.masked = (cfg.data.partition.kind not in _LABEL_BALANCED) if p.masked_loss == "auto" else p.masked_loss
         n = ctx.num_clients
