@@ -414,3 +414,13 @@ def test_static_bn_asked_for_on_a_model_without_batchnorm_is_a_config_error(tmp_
     _built(_cfg(tmp_path, params, algo=algo, shape=(1, 28, 28), width=1.0,
                 model={"name": "lenet5", "options": {"norm": "bn"}}))
 
+
+def test_rates_without_model_split_are_flagged_as_ignored(tmp_path):
+    tiers = {"tiers": [{"name": "big", "share": 1, "width": 1.0}, {"name": "small", "share": 1, "width": 0.5}]}
+    r = _built(_cfg(tmp_path, {"rates": {"a": 1.0, "b": 0.25}}, devices=tiers))
+    assert r.algo.level_rates == {"big": 1.0, "small": 0.5}
+    notes = [n for n in r.ctx.notes if "algorithm.params.rates" in n]
+    assert len(notes) == 1 and "ignored" in notes[0] and "devices.tiers" in notes[0]
+    r = _built(_cfg(tmp_path, {"rates": {"a": 1.0, "b": 0.25}, "model_split": "a1-b1"}, devices=tiers))
+    assert r.algo.level_rates == {"a": 1.0, "b": 0.25}
+    assert not [n for n in r.ctx.notes if "algorithm.params.rates" in n]

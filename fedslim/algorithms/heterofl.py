@@ -157,9 +157,11 @@ class HeteroFL(Algorithm):
         else:
             self.level_rates = {t.name: float(t.width) for t in ctx.devices.tiers}
             self.shares = np.array([t.share for t in ctx.devices.tiers], dtype=float)
-            if "assignment" in p.model_fields_set:
-                ctx.note(f"{self.name}: no model_split, so levels follow devices.tiers and devices.assignment; "
-                         f"algorithm.params.assignment is ignored")
+            ignored = [k for k in ("assignment", "rates") if k in p.model_fields_set]
+            if ignored:
+                ctx.note(f"{self.name}: no model_split, so levels follow devices.tiers (their widths) and "
+                         f"devices.assignment; algorithm.params.{' and algorithm.params.'.join(ignored)} "
+                         f"{'is' if len(ignored) == 1 else 'are'} ignored")
         self.labels = list(self.level_rates)
         self.global_rate = max(self.level_rates.values())
         gw = cfg.model.width
