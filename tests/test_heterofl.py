@@ -424,3 +424,19 @@ def test_rates_without_model_split_are_flagged_as_ignored(tmp_path):
     r = _built(_cfg(tmp_path, {"rates": {"a": 1.0, "b": 0.25}, "model_split": "a1-b1"}, devices=tiers))
     assert r.algo.level_rates == {"a": 1.0, "b": 0.25}
     assert not [n for n in r.ctx.notes if "algorithm.params.rates" in n]
+
+
+@pytest.mark.parametrize(("split", "assignment", "empty"), [
+    ("a1-b1-c1-d1-e1", "fixed", "levels d, e no client"),
+    ("a1-e2", "fixed", None),
+    ("a1-b1-c1-d1-e1", "dynamic", None),  # re-drawn every round: any level may get clients
+])
+def test_levels_that_fixed_assignment_leaves_empty_are_flagged(tmp_path, split, assignment, empty):
+    r = _built(_cfg(tmp_path, {"model_split": split, "assignment": assignment}, clients=3))
+    notes = [n for n in r.ctx.notes if "no client" in n]
+    counts = r.algo.summary()["levels"]
+    if empty is None:
+        assert notes == []
+    else:
+        assert len(notes) == 1 and empty in notes[0] and "algorithm.params.model_split" in notes[0], notes
+        assert [counts[x]["clients_round1"] for x in "abcde"] == [1, 1, 1, 0, 0]

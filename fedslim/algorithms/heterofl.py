@@ -191,6 +191,15 @@ class HeteroFL(Algorithm):
         self.masked = (cfg.data.partition.kind not in _LABEL_BALANCED) if p.masked_loss == "auto" else p.masked_loss
         n = ctx.num_clients
         self._fixed = np.repeat(np.arange(len(self.labels)), split_counts(list(self.shares), n))
+        fixed = p.assignment == "fixed" if p.model_split is not None else cfg.devices.assignment == "fixed"
+        if fixed:
+            counts = np.bincount(np.asarray(self.level_index(1), dtype=int), minlength=len(self.labels))
+            empty = [label for label, c in zip(self.labels, counts, strict=True) if c == 0]
+            if empty:
+                field = "algorithm.params.model_split" if p.model_split is not None else "devices.tiers"
+                ctx.note(f"{self.name}: {n} clients split by {field} give level{'s' if len(empty) > 1 else ''} "
+                         f"{', '.join(empty)} no client; {'they are' if len(empty) > 1 else 'it is'} still evaluated, "
+                         f"but no client trains at {'their' if len(empty) > 1 else 'its'} width")
         self._dynamic: dict[int, np.ndarray] = {}
         self._pending: dict[int, tuple[str, IndexPlan]] = {}
         self._version = 0  # bumped whenever self.state changes; keys the caches below
