@@ -223,6 +223,20 @@ def test_bad_model_split_is_a_one_line_config_error(bad, tiny_cfg):
     assert msg.count(repr(bad)) == 1, msg  # the offending value once ('(got ...)'), not twice
 
 
+
+@pytest.mark.parametrize("bad", ["maybe", "Auto", 2])
+def test_bad_masked_loss_names_the_field_and_the_allowed_values(bad, tiny_cfg):
+    tiny_cfg["algorithm"] = {"name": "fed_dropout", "params": {"model_split": "a1-e1", "masked_loss": bad}}
+    with pytest.raises(ConfigError) as e:
+        validate(tiny_cfg)
+    assert str(e.value) == f"algorithm.params.masked_loss: must be true, false or 'auto' (got {bad!r})"
+
+
+@pytest.mark.parametrize("ok", [True, False, "auto"])
+def test_masked_loss_accepts_true_false_and_auto(ok, tiny_cfg):
+    tiny_cfg["algorithm"] = {"name": "heterofl", "params": {"masked_loss": ok}}
+    assert validate(tiny_cfg).algorithm.params["masked_loss"] == ok
+
 def _built(cfg: dict) -> Runner:
     os.environ.pop("FEDSLIM_DATA", None)
     r = Runner(validate(cfg))

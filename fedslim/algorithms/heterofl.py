@@ -121,6 +121,14 @@ class HeteroFLParams(BaseModel):
                 raise ValueError(f"rate of '{k}' must be in (0, 1], got {r}")
         return v
 
+    @field_validator("masked_loss", mode="before")
+    @classmethod
+    def _check_masked_loss(cls, v: Any) -> Any:
+        # Checked here: the union's own errors name 'masked_loss.bool' and leave out 'auto'.
+        if isinstance(v, bool) or v == "auto":
+            return v
+        raise ValueError("must be true, false or 'auto'")
+
     @field_validator("model_split")
     @classmethod
     def _check_split(cls, v: str | None, info: ValidationInfo) -> str | None:
