@@ -454,3 +454,18 @@ def test_levels_that_fixed_assignment_leaves_empty_are_flagged(tmp_path, split, 
     else:
         assert len(notes) == 1 and empty in notes[0] and "algorithm.params.model_split" in notes[0], notes
         assert [counts[x]["clients_round1"] for x in "abcde"] == [1, 1, 1, 0, 0]
+
+
+
+@pytest.mark.parametrize(("fed", "params", "noted"), [
+    ({"weighted": True}, {}, True),
+    ({"weighted": True}, {"weighted": True}, False),
+    ({"weighted": False}, {}, False),
+    ({}, {}, False),
+])
+def test_federation_weighted_set_against_the_algorithms_switch_is_flagged(tmp_path, fed, params, noted):
+    r = _built(_cfg(tmp_path, {"model_split": "a1-e1", **params}, algo="fedrolex", federation=fed))
+    notes = [n for n in r.ctx.notes if "federation.weighted" in n]
+    assert bool(notes) == noted
+    if noted:
+        assert "algorithm.params.weighted=false" in notes[0]

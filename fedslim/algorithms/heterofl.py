@@ -170,6 +170,10 @@ class HeteroFL(Algorithm):
                 ctx.note(f"{self.name}: no model_split, so levels follow devices.tiers (their widths) and "
                          f"devices.assignment; algorithm.params.{' and algorithm.params.'.join(ignored)} "
                          f"{'is' if len(ignored) == 1 else 'are'} ignored")
+        if "weighted" in cfg.federation.model_fields_set and cfg.federation.weighted != p.weighted:
+            ctx.note(f"{self.name}: federation.weighted is not read (it is FedAvg's switch); each element is "
+                     f"averaged over its holders {'by sample count' if p.weighted else 'counting clients'} as "
+                     f"algorithm.params.weighted={str(p.weighted).lower()} says")
         self.labels = list(self.level_rates)
         self.global_rate = max(self.level_rates.values())
         gw = cfg.model.width
