@@ -13,7 +13,7 @@ import torch
 from fedslim.algorithms.submodel import state_shapes
 from fedslim.codecs import pack_exact
 from fedslim.config import validate
-from fedslim.engine.run import Runner
+from fedslim.engine.run import Runner, _human
 
 
 def _cfg(tmp_path: Path, name: str, algo: str, params: dict, **over: dict) -> dict:
@@ -118,3 +118,30 @@ def test_eval_local_without_a_local_split_is_a_config_error(tmp_path):
     cfg = _cfg(tmp_path, "x", "heterofl", {"model_split": "a1-e1"}, eval={"local": True})
     with pytest.raises(ConfigError, match="eval.local: .*local_test_fraction"):
         validate(cfg)
+
+
+@pytest.mark.parametrize("algo", ["heterofl", "fed_dropout"])
+def test_printed_summary_lists_each_levels_sub_model_and_the_bn_query_traffic(tmp_path, algo):
+    """The table's bytes line is training traffic only; the static-BN query (here far larger) and each
+    level's sub-model size are printed under it, and the summary's per-level sub-model bytes are what
+    each client of that level was sent."""
+    import io
+
+    buf = io.StringIO()
+    cfg = validate(_cfg(tmp_path, algo, algo, {"model_split": "a1-b1-e2"}))
+    r = Runner(cfg, out=buf)
+    s = r.run()
+    levels = s["levels"]
+    sizes = [levels[x]["submodel_bytes"] for x in "abe"]
+    assert sizes == sorted(sizes, reverse=True) and sizes[0] > 50 * sizes[2]
+    for comm in _rows(r)[-1]["comm"]:
+        for c, nbytes in comm["bytes_down"].items():
+            assert nbytes == levels[r.algo.level_of(comm["round"], int(c))]["submodel_bytes"]
+    text = buf.getvalue()
+    q = s["bn_query"]
+    assert q["bytes_down"] > s["bytes_down"]
+    assert (f"static BN query (not in the bytes above): 2 queries, down {_human(q['bytes_down'])}, "
+            f"up {_human(q['bytes_up'])}") in text
+    for x, n in zip("abe", [2, 2, 4], strict=True):
+        line = next(ln for ln in text.splitlines() if ln.startswith(f"  {x} "))
+        assert _human(levels[x]["submodel_bytes"]) in line and line.endswith(f"clients {n}")

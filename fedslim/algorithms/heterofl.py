@@ -392,8 +392,29 @@ class HeteroFL(Algorithm):
             s = self.eval_specs[label]
             prof = profile_spec(s.name, s.num_classes, s.input_shape, s.width, **dict(s.options))
             levels[label] = {"rate": self.level_rates[label], "width": s.width, "params": prof["params"],
-                             "macs": prof["macs"], "clients_round1": int(counts[i])}
+                             "macs": prof["macs"], "clients_round1": int(counts[i]),
+                             # what one client of the level is sent before any downlink codec
+                             "submodel_bytes": len(pack_exact(self.level_params(label)))}
         return {"levels": levels, "bn_query": dict(self.bn_query_totals)}
+
+    def describe_summary(self, s: dict[str, Any]) -> list[str]:
+        """Lines the engine prints under the run's table: each level's sub-model and the BN query's
+        traffic, which the table's bytes line (training traffic only) leaves out."""
+        from fedslim.engine.run import _human
+
+        p, cfg = self.params, self.ctx.cfg
+        fixed = p.assignment == "fixed" if p.model_split is not None else cfg.devices.assignment == "fixed"
+        lines = [f"levels (sub-model = what one client is sent, before any downlink codec; clients "
+                 f"{'of' if fixed else 'in round 1 of'} {self.ctx.num_clients}):"]
+        for label, lv in s.get("levels", {}).items():
+            lines.append(f"  {label:<8} rate {lv['rate']:<8g} sub-model {_human(lv['submodel_bytes']):>10}  "
+                         f"clients {lv['clients_round1']}")
+        q = s.get("bn_query") or {}
+        if q.get("queries"):
+            lines.append(f"static BN query (not in the bytes above): {q['queries']} "
+                         f"quer{'y' if q['queries'] == 1 else 'ies'}, down {_human(q['bytes_down'])}, "
+                         f"up {_human(q['bytes_up'])}")
+        return lines
 
     # ------------------------------------------------------------------ checkpoint
     def state_dict(self) -> dict[str, Any]:
