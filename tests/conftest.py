@@ -114,3 +114,31 @@ def float64() -> Iterator[None]:
     torch.set_default_dtype(torch.float64)
     yield
     torch.set_default_dtype(old)
+
+
+class RunKilled(Exception):
+    """Raised inside a run by ``kill_run`` to stand for the process being killed."""
+
+
+@pytest.fixture
+def kill_run() -> Callable[[dict, int], None]:
+    """``kill_run(cfg, round_)`` runs the config and stops it inside ``round_``, after its training and
+    before its metrics are recorded, as a kill there would: the rounds before it are recorded and
+    checkpointed, that one is not."""
+    from fedslim.config import validate
+    from fedslim.engine.run import Runner
+
+    def run(cfg: dict, round_: int) -> None:
+        runner = Runner(validate(cfg))
+        original = runner._evaluate  # noqa: SLF001
+
+        def evaluate(rnd: int) -> object:
+            if rnd == round_:
+                raise RunKilled
+            return original(rnd)
+
+        runner._evaluate = evaluate  # type: ignore[method-assign]
+        with pytest.raises(RunKilled):
+            runner.run()
+
+    return run

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -241,7 +242,7 @@ def test_model_bytes_table_has_no_memory_column(plain_run: tuple[dict, Path]) ->
     assert "memory" not in header and header.split()[7] == "budget"
 
 
-def test_resumed_join_run_matches_uninterrupted(tiny_cfg: dict) -> None:
+def test_resumed_join_run_matches_uninterrupted(tiny_cfg: dict, kill_run: Callable[[dict, int], None]) -> None:
     def cfg(name: str) -> dict:
         c = _cfg(tiny_cfg, name, constrained_join=True, join_round=1, finetune_epochs=1)
         c["data"]["local_test_fraction"] = 0.25
@@ -249,21 +250,7 @@ def test_resumed_join_run_matches_uninterrupted(tiny_cfg: dict) -> None:
 
     full = Runner(validate(cfg("full"))).run()
 
-    class Stop(Exception):
-        pass
-
-    runner = Runner(validate(cfg("part")))
-    original = runner._evaluate  # noqa: SLF001
-
-    def stop_after_round_2(rnd: int):  # a kill after round 2 was recorded (the tiers joined after round 1)
-        out = original(rnd)
-        if rnd == 3:
-            raise Stop
-        return out
-
-    runner._evaluate = stop_after_round_2  # type: ignore[method-assign]
-    with pytest.raises(Stop):
-        runner.run()
+    kill_run(cfg("part"), 3)  # killed in round 3: rounds 1 and 2 are recorded (the tiers joined after 1)
     out = Path(tiny_cfg["output_dir"])
     assert len((out / "part" / "metrics.jsonl").read_text().splitlines()) == 2
     part = Runner(validate(cfg("part")), resume=True).run()

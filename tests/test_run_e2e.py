@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -51,28 +52,14 @@ def test_same_seed_same_bytes(tmp_path: Path, tiny_cfg: dict) -> None:
     assert (Path(tiny_cfg["output_dir"]) / "c" / "metrics.jsonl").read_bytes() != outs[0][0]
 
 
-def test_resume_matches_uninterrupted(tmp_path: Path, tiny_cfg: dict) -> None:
+def test_resume_matches_uninterrupted(tmp_path: Path, tiny_cfg: dict, kill_run: Callable[[dict, int], None]) -> None:
     tiny_cfg["federation"]["rounds"] = 5
     tiny_cfg["codec"] = {}
     full = dict(tiny_cfg, name="full")
     Runner(validate(full)).run()
 
-    class Stop(Exception):
-        pass
-
     part = dict(tiny_cfg, name="part")
-    runner = Runner(validate(part))
-    original = runner._evaluate  # noqa: SLF001
-
-    def stop_after_round_3(rnd: int):  # simulates a kill after round 3 was recorded
-        out = original(rnd)
-        if rnd == 4:
-            raise Stop
-        return out
-
-    runner._evaluate = stop_after_round_3  # type: ignore[method-assign]
-    with pytest.raises(Stop):
-        runner.run()
+    kill_run(part, 4)  # killed in round 4: rounds 1-3 are recorded
     run = Path(tiny_cfg["output_dir"]) / "part"
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 3
     Runner(validate(part), resume=True).run()
@@ -224,24 +211,12 @@ def test_report_marks_an_unfinished_run_and_names_it_from_its_config(tmp_path: P
     assert "done:" not in out and "?" not in out
 
 
-def test_timings_say_which_backend_ran_each_round_of_a_resumed_run(tiny_cfg: dict) -> None:
+def test_timings_say_which_backend_ran_each_round_of_a_resumed_run(tiny_cfg: dict,
+                                                                  kill_run: Callable[[dict, int], None]) -> None:
     from fedslim.results import read_jsonl
 
-    class Stop(Exception):
-        pass
-
     tiny_cfg["federation"]["rounds"] = 3
-    runner = Runner(validate(dict(tiny_cfg, engine={"backend": "serial", "threads": 1})))
-    original = runner._evaluate  # noqa: SLF001
-
-    def stop_in_round_3(rnd: int):
-        if rnd == 3:
-            raise Stop
-        return original(rnd)
-
-    runner._evaluate = stop_in_round_3  # type: ignore[method-assign]
-    with pytest.raises(Stop):
-        runner.run()
+    kill_run(dict(tiny_cfg, engine={"backend": "serial", "threads": 1}), 3)
     Runner(validate(dict(tiny_cfg, engine={"backend": "vectorized"})), resume=True).run()
     rows = read_jsonl(Path(tiny_cfg["output_dir"]) / "tiny" / "timings.jsonl")
     assert [(r["round"], r["backend"]) for r in rows] == [(1, "serial"), (2, "serial"), (3, "vectorized")]
