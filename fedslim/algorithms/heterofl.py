@@ -203,8 +203,7 @@ class HeteroFL(Algorithm):
         self.masked = (cfg.data.partition.kind not in _LABEL_BALANCED) if p.masked_loss == "auto" else p.masked_loss
         n = ctx.num_clients
         self._fixed = np.repeat(np.arange(len(self.labels)), split_counts(list(self.shares), n))
-        fixed = p.assignment == "fixed" if p.model_split is not None else cfg.devices.assignment == "fixed"
-        if fixed:
+        if self._fixed_assignment():
             counts = np.bincount(np.asarray(self.level_index(1), dtype=int), minlength=len(self.labels))
             empty = [label for label, c in zip(self.labels, counts, strict=True) if c == 0]
             if empty:
@@ -397,15 +396,18 @@ class HeteroFL(Algorithm):
                              "submodel_bytes": len(pack_exact(self.level_params(label)))}
         return {"levels": levels, "bn_query": dict(self.bn_query_totals)}
 
+    def _fixed_assignment(self) -> bool:
+        """Whether every client keeps one level: model_split's own assignment, else the device tiers'."""
+        p = self.params
+        return (p.assignment if p.model_split is not None else self.ctx.cfg.devices.assignment) == "fixed"
+
     def describe_summary(self, s: dict[str, Any]) -> list[str]:
         """Lines the engine prints under the run's table: each level's sub-model and the BN query's
         traffic, which the table's bytes line (training traffic only) leaves out."""
         from fedslim.engine.run import _human
 
-        p, cfg = self.params, self.ctx.cfg
-        fixed = p.assignment == "fixed" if p.model_split is not None else cfg.devices.assignment == "fixed"
         lines = [f"levels (sub-model = what one client is sent, before any downlink codec; clients "
-                 f"{'of' if fixed else 'in round 1 of'} {self.ctx.num_clients}):"]
+                 f"{'of' if self._fixed_assignment() else 'in round 1 of'} {self.ctx.num_clients}):"]
         for label, lv in s.get("levels", {}).items():
             lines.append(f"  {label:<8} rate {lv['rate']:<8g} sub-model {_human(lv['submodel_bytes']):>10}  "
                          f"clients {lv['clients_round1']}")
