@@ -54,23 +54,29 @@ def report(runs: list[str], out_dir: str | None = None) -> str:
         if not p.is_dir():
             raise ReportError(f"{p}: not a folder")
     loaded = [(p, *_load(p)) for p in paths]
-    header = (f"{'run':<28} {'algo':<12} {'model':<8} {'rnd':>4} {'acc':>7} {'best':>7} {'f1_w':>7} "
+    # Columns as wide as their longest entry: a truncated name can hide the level or tier that tells
+    # two rows of one run apart.
+    named = [(p, s, rows, [p.name if label == "global" else f"{p.name}[{label}]" for label in rows[-1].get("eval", {})]
+              + [f"{p.name} local/{tier}" for tier in rows[-1].get("local") or {}]) for p, s, rows in loaded]
+    wn = max([3, *(len(n) for *_, names in named for n in names)])
+    wa = max([4, *(len(str(s.get("algorithm", "?"))) for _, s, _ in loaded)])
+    wm = max([5, *(len(str(s.get("model", "?"))) for _, s, _ in loaded)])
+    header = (f"{'run':<{wn}} {'algo':<{wa}} {'model':<{wm}} {'rnd':>4} {'acc':>7} {'best':>7} {'f1_w':>7} "
               f"{'up':>10} {'up x':>6} {'down':>10} {'sim s':>8}")
     lines = [header, "-" * len(header)]
-    for p, s, rows in loaded:
+    for _p, s, rows, names in named:
         last = rows[-1]
-        for label, m in last.get("eval", {}).items():
+        evals = list(last.get("eval", {}).items())
+        rnd = f"{last['round']}*" if s.get("unfinished") else str(last["round"])
+        for name, (label, m) in zip(names, evals, strict=False):
             best = max(r["eval"][label]["acc"] for r in rows if label in r.get("eval", {}))
-            name = p.name if label == "global" else f"{p.name}[{label}]"
-            rnd = f"{last['round']}*" if s.get("unfinished") else str(last["round"])
-            lines.append(f"{name[:28]:<28} {s.get('algorithm', '?')[:12]:<12} {str(s.get('model', '?'))[:8]:<8} "
+            lines.append(f"{name:<{wn}} {s.get('algorithm', '?'):<{wa}} {str(s.get('model', '?')):<{wm}} "
                          f"{rnd:>4} {m['acc'] * 100:7.2f} {best * 100:7.2f} "
                          f"{m.get('f1_weighted', float('nan')) * 100:7.2f} {_fmt_bytes(last['cum_bytes_up']):>10} "
                          f"{_up_ratio(s):>6} {_fmt_bytes(last['cum_bytes_down']):>10} "
                          f"{last.get('sim_time_s', 0):8.1f}")
-        for tier, m in (last.get("local") or {}).items():
-            lines.append(f"{(p.name + ' local/' + tier)[:28]:<28} {'':<12} {'':<8} {last['round']:>4} "
-                         f"{m['acc'] * 100:7.2f}")
+        for name, m in zip(names[len(evals):], (last.get("local") or {}).values(), strict=True):
+            lines.append(f"{name:<{wn}} {'':<{wa}} {'':<{wm}} {last['round']:>4} {m['acc'] * 100:7.2f}")
     deployed = [(p, s["deployment"]) for p, s, _ in loaded if isinstance(s.get("deployment"), dict)]
     if deployed:
         # Every method's 'down' counts the training rounds only; a model handed out once after training

@@ -220,3 +220,21 @@ def test_timings_say_which_backend_ran_each_round_of_a_resumed_run(tiny_cfg: dic
     Runner(validate(dict(tiny_cfg, engine={"backend": "vectorized"})), resume=True).run()
     rows = read_jsonl(Path(tiny_cfg["output_dir"]) / "tiny" / "timings.jsonl")
     assert [(r["round"], r["backend"]) for r in rows] == [(1, "serial"), (2, "serial"), (3, "vectorized")]
+
+
+def test_report_keeps_long_names_whole(tmp_path: Path) -> None:
+    from fedslim.report import report
+
+    run = tmp_path / "fed_dropout-mnist-a-e-noniid-long-name"
+    run.mkdir()
+    m = {"acc": 0.5, "f1_weighted": 0.4}
+    row = {"round": 2, "eval": {"a": m, "e": dict(m, acc=0.25)}, "local": {"all": {"acc": 0.75}},
+           "cum_bytes_up": 1000, "cum_bytes_down": 2000, "sim_time_s": 1.0}
+    (run / "metrics.jsonl").write_text(json.dumps(row) + "\n")
+    (run / "summary.json").write_text(json.dumps({"algorithm": "fed_dropout", "model": "heterofl_cnn"}))
+    lines = report([str(run)], str(tmp_path / "rep")).splitlines()
+    rows = {ln.split()[0]: ln for ln in lines[2:5]}
+    assert set(rows) == {f"{run.name}[a]", f"{run.name}[e]", run.name}
+    assert f"{run.name} local/all" in lines[4] and "75.00" in lines[4]
+    assert rows[f"{run.name}[e]"].split()[1:3] == ["fed_dropout", "heterofl_cnn"]
+    assert "25.00" in rows[f"{run.name}[e]"] and "50.00" in rows[f"{run.name}[a]"]
