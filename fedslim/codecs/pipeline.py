@@ -142,10 +142,20 @@ def check_order(stages: list[Stage], field: str) -> None:
                              f"prune, or topk with error_feedback: false")
 
 
+def check_downlink(stages: list[Stage], field: str) -> None:
+    """Refuse stages that only make sense on updates: the downlink encodes the global model itself."""
+    for i, s in enumerate(stages):
+        why = s.conflict_on_downlink()
+        if why is not None:
+            raise ValueError(f"{field}.{i}: {s.name} cannot run on the downlink this way: {why}")
+
+
 def build_pipeline(specs: Iterable[dict[str, Any] | Stage] | None, field: str = "codec") -> Codec:
     """Config stages -> codec. Errors are ``ValueError`` starting with the field path."""
     stages = [build_stage(s, f"{field}.{i}") for i, s in enumerate(specs or [])]
     check_order(stages, field)
+    if field == "codec.down":
+        check_downlink(stages, field)
     return Pipeline(stages) if stages else ExactCodec()
 
 

@@ -109,6 +109,11 @@ class Stage:
         """Why this stage cannot follow a quantizing stage, or None when it leaves the grid values alone."""
         return "it would quantize already-quantized values again" if self.quantizes else None
 
+    def conflict_on_downlink(self) -> str | None:
+        """Why this stage cannot run in ``codec.down`` (which sends the global model itself, not an
+        update), or None."""
+        return None
+
     def finish(self, works: list[Work], decoded: dict[str, np.ndarray], ctx: CodecContext) -> None:
         """Called with the values the receiver will decode (flat float64), once the bytes exist."""
 

@@ -90,6 +90,13 @@ class TopK(Stage):
                     "as float32 (move topk before the quantizer)")
         return None
 
+    def conflict_on_downlink(self) -> str | None:
+        if self.params.error_feedback:
+            return ("error_feedback adds what a payload left out to the next one, which is right for updates "
+                    "but the downlink sends the global model itself, so the dropped weights pile up round after "
+                    "round; set error_feedback: false (it is true by default)")
+        return None
+
     def finish(self, works: list[Work], decoded: dict[str, np.ndarray], ctx: CodecContext) -> None:
         if self._pending is None:
             return
