@@ -278,7 +278,11 @@ def test_topk_keeps_exactly_k_largest() -> None:
 # ---------------------------------------------------------------- config
 
 @pytest.mark.parametrize("specs,message", [
-    ([{"name": "quantize", "bits": 32}], "codec.up.0.bits: must be between 1 and 16 (got 32)"),
+    ([{"name": "quantize", "bits": 32}], "codec.up.0.bits: must be an integer from 1 to 16 (got 32)"),
+    ([{"name": "quantize", "bits": 0}], "codec.up.0.bits: must be an integer from 1 to 16 (got 0)"),
+    ([{"name": "quantize", "bits": "x"}], "codec.up.0.bits: must be an integer from 1 to 16 (got 'x')"),
+    ([{"name": "quantize", "bits": 4.5}], "codec.up.0.bits: must be an integer from 1 to 16 (got 4.5)"),
+    ([{"name": "quantize", "bits": True}], "codec.up.0.bits: must be"),
     ([{"name": "quantize", "bit": 4}], "codec.up.0.bit: unknown key (did you mean 'bits'?); valid keys here: "
                                        "bits, rounding, scheme, granularity, name"),
     ([{"name": "int8"}, {"name": "quantise"}], "codec.up.1.name: unknown codec 'quantise' (did you mean "

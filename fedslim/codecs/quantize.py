@@ -27,11 +27,12 @@ class QuantizeParams(StageParams):
     scheme: Literal["symmetric", "asymmetric"] = "symmetric"
     granularity: Literal["tensor", "channel"] = "tensor"
 
-    @field_validator("bits")
+    @field_validator("bits", mode="before")
     @classmethod
-    def _bits(cls, v: int) -> int:
-        if not 1 <= v <= 16:
-            raise ValueError("must be between 1 and 16")
+    def _bits(cls, v: object) -> object:
+        # before pydantic's own int check, so 'x' or 4.5 get the allowed range too, not "a valid integer"
+        if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 16:
+            raise ValueError("must be an integer from 1 to 16")
         return v
 
 
