@@ -47,7 +47,8 @@ class QuantFLParams(BaseModel):
     rounding: Literal["stochastic", "nearest"] = Field(
         "stochastic", description="stochastic: floor(x/s + u), unbiased (reference); nearest: round(x/s)")
     scheme: Literal["symmetric", "asymmetric"] = Field(
-        "symmetric", description="symmetric: zero on the grid, 2^n - 1 levels; asymmetric: all 2^n levels")
+        "symmetric", description="symmetric: zero on the grid, 2^n - 1 levels (1 bit: the sign grid +-max|w|, no "
+                                 "zero); asymmetric: all 2^n levels")
     granularity: Literal["tensor", "channel"] = Field("tensor", description="one scale per tensor or per "
                                                                              "output channel")
 
