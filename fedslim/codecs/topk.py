@@ -6,6 +6,8 @@ last encode: it sends ``C(x + e)`` and keeps ``e' = x + e - C(x + e)`` where ``C
 receiver decodes after *all* stages, so the quantization error of later stages is fed back too. The
 residuals are part of ``state_dict()`` so a resumed run continues with them. A residual whose shape no
 longer matches its tensor (the client got a different sub-model) is dropped.
+Error feedback is for updates: ``codec.down`` sends the global model itself, so there it is refused
+(:meth:`TopK.conflict_on_downlink`); the dropped weights would be added to the next model again.
 
 ``k = round(ratio * numel)`` per tensor (at least 1 for a nonempty tensor), or over all compressible
 tensors together with ``scope: global``.
