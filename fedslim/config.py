@@ -383,7 +383,8 @@ def _validate_plugins(cfg: RunConfig) -> None:
         from fedslim.codecs import build_pipeline
 
         for side in ("down", "up"):
-            build_pipeline([s.model_dump() for s in getattr(cfg.codec, side)], field=f"codec.{side}")
+            build_pipeline([s.model_dump() for s in getattr(cfg.codec, side)], field=f"codec.{side}",
+                           downlink=side == "down")
     except ValueError as e:
         raise ConfigError(str(e)) from None
 

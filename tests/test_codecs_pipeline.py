@@ -389,13 +389,14 @@ def test_topk_error_feedback_is_refused_on_the_downlink() -> None:
     # The downlink encodes the global model, not an update: with error feedback every weight top-k drops
     # is added again to the next round's model, so a model sent twice arrives further from the truth.
     with pytest.raises(ValueError) as e:
-        build_pipeline([{"name": "prune", "amount": 0.1}, {"name": "topk", "ratio": 0.1}], field="codec.down")
+        build_pipeline([{"name": "prune", "amount": 0.1}, {"name": "topk", "ratio": 0.1}], field="codec.down",
+                       downlink=True)
     assert str(e.value).startswith("codec.down.1: topk cannot run on the downlink this way: error_feedback "), \
         str(e.value)
     assert "set error_feedback: false" in str(e.value)
     with pytest.raises(ConfigError, match="codec.down.0: topk cannot run on the downlink"):
         validate({"codec": {"down": [{"name": "topk", "ratio": 0.1}]}})
-    assert isinstance(build_pipeline([{"name": "topk", "ratio": 0.1, "error_feedback": False}], "codec.down"),
-                      Pipeline)
+    assert isinstance(build_pipeline([{"name": "topk", "ratio": 0.1, "error_feedback": False}], "codec.down",
+                                     downlink=True), Pipeline)
     assert isinstance(build_pipeline([{"name": "topk", "ratio": 0.1}], "codec.up"), Pipeline)
 

@@ -150,11 +150,13 @@ def check_downlink(stages: list[Stage], field: str) -> None:
             raise ValueError(f"{field}.{i}: {s.name} cannot run on the downlink this way: {why}")
 
 
-def build_pipeline(specs: Iterable[dict[str, Any] | Stage] | None, field: str = "codec") -> Codec:
-    """Config stages -> codec. Errors are ``ValueError`` starting with the field path."""
+def build_pipeline(specs: Iterable[dict[str, Any] | Stage] | None, field: str = "codec", *,
+                   downlink: bool = False) -> Codec:
+    """Config stages -> codec. Errors are ``ValueError`` starting with the field path. ``downlink``: the
+    codec will encode the global model itself, not updates (``codec.down``)."""
     stages = [build_stage(s, f"{field}.{i}") for i, s in enumerate(specs or [])]
     check_order(stages, field)
-    if field == "codec.down":
+    if downlink:
         check_downlink(stages, field)
     return Pipeline(stages) if stages else ExactCodec()
 

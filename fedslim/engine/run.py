@@ -206,7 +206,8 @@ class Runner:
         algo_cls = plugins.ALGORITHMS.get(cfg.algorithm.name, field="algorithm.name")
         params = algo_cls.Params.model_validate(cfg.algorithm.params)
         self.algo: Algorithm = algo_cls(self.ctx, params)
-        self.codec_down: Codec = build_pipeline([s.model_dump() for s in cfg.codec.down], "codec.down")
+        self.codec_down: Codec = build_pipeline([s.model_dump() for s in cfg.codec.down], "codec.down",
+                                                  downlink=True)
         # An algorithm whose method is an uplink compressor (QuantFL) supplies the pipeline itself.
         own_up = getattr(self.algo, "uplink_codec", None)
         up = own_up() if callable(own_up) else None
