@@ -244,6 +244,20 @@ class Runner:
         atomic_write_text(self.run_dir / "partition.txt", format_label_report(counts, b.class_names))
         plot_label_counts(counts, self.run_dir / "partition.png")
 
+    def _check_metrics_cover(self, rows: list[dict[str, Any]], ck_round: int) -> None:
+        """A resumed run carries on from the rows it already wrote: each round the checkpoint has passed
+        that was evaluated must be there, or the resumed metrics.jsonl and summary.json would go without
+        them (and without their bytes and simulated time) while looking complete."""
+        every, last = self.cfg.eval.every, self.cfg.federation.rounds
+        want = [r for r in range(1, ck_round + 1) if r % every == 0 or r == last]
+        have = [r.get("round") for r in rows]
+        if have != want:
+            path = self.run_dir / METRICS_FILE
+            what = "is missing" if not path.exists() else f"holds rounds {_rounds(have)}"
+            raise RunError(f"--resume: {path} {what}, but the checkpoint is at round {ck_round} and needs the "
+                           f"evaluated rounds {_rounds(want)}; resuming would lose them (was the file "
+                           f"truncated or edited?). Restore the file, or start the run over under another name")
+
     # ------------------------------------------------------------------ helpers
     def compressible(self, spec: ModelSpec) -> frozenset[str]:
         if spec not in self._compressible:
@@ -336,7 +350,8 @@ class Runner:
             self.codec_up.load_state_dict(ck["codec_up"])
             self.codec_down.load_state_dict(ck["codec_down"])
             start_round, cum = ck["round"] + 1, ck["cumulative"]
-            rows = [r for r in read_jsonl(self.run_dir / METRICS_FILE) if r["round"] <= ck["round"]]
+            rows = [r for r in read_jsonl(self.run_dir / METRICS_FILE) if r.get("round", 0) <= ck["round"]]
+            self._check_metrics_cover(rows, ck["round"])
             timings = [r for r in read_jsonl(self.run_dir / TIMINGS_FILE) if r["round"] <= ck["round"]]
             self._say(f"resuming {self.run_dir} at round {start_round}")
         else:
@@ -509,6 +524,22 @@ def _build_on_meta(name: str, num_classes: int, input_shape: tuple[int, ...], wi
 
     with torch.random.fork_rng(devices=[]), torch.device("meta"):
         build_model(name, num_classes=num_classes, input_shape=input_shape, width=width, **options)
+
+
+def _rounds(rs: list[Any]) -> str:
+    """1, 2, 3, 5 -> '1-3, 5' (a long run's rounds in a few characters)."""
+    if not rs:
+        return "none"
+    out: list[str] = []
+    i = 0
+    while i < len(rs):
+        j = i
+        while (j + 1 < len(rs) and isinstance(rs[j], int) and isinstance(rs[j + 1], int)
+               and rs[j + 1] == rs[j] + 1):
+            j += 1
+        out.append(str(rs[i]) if i == j else f"{rs[i]}-{rs[j]}")
+        i = j + 1
+    return ", ".join(out)
 
 
 def _human(n: float) -> str:
