@@ -17,11 +17,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from fedslim.engine.run import Runner
 
     overrides = list(args.set or [])
-    if args.name:
+    # `is not None`: `--rounds 0` or `--name ''` must reach validation, not be dropped for being falsy.
+    if args.name is not None:
         overrides.append(f"name={args.name}")
-    if args.output_dir:
+    if args.output_dir is not None:
         overrides.append(f"output_dir={args.output_dir}")
-    if args.rounds:
+    if args.rounds is not None:
         overrides.append(f"federation.rounds={args.rounds}")
     cfg = load_config(args.config, overrides)
     Runner(cfg, data_dir=args.data_dir, resume=args.resume, progress=False if args.quiet else None).run()

@@ -51,3 +51,11 @@ def test_resume_with_every_row_still_works_with_eval_every(tmp_path: Path, tiny_
     assert [yaml.safe_load(x)["round"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [2, 4]
     assert main(["run", str(p), "-q", "--resume"]) == 0
     assert [yaml.safe_load(x)["round"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [2, 4, 5]
+
+
+def test_rounds_zero_on_the_command_line_is_refused_not_ignored(tmp_path: Path, tiny_cfg: dict, capsys) -> None:
+    # `--rounds 0` used to be dropped for being falsy: the config's 3 rounds ran instead.
+    p = _write(tmp_path, tiny_cfg)
+    assert main(["run", str(p), "-q", "--rounds", "0"]) == 2
+    assert "federation.rounds" in capsys.readouterr().err
+    assert not (Path(tiny_cfg["output_dir"]) / "tiny").exists()
