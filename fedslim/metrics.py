@@ -29,22 +29,41 @@ def predict(model: nn.Module, data: TensorData, batch_size: int = 1000,
 
 
 def metrics_from_logits(logits: torch.Tensor, y: torch.Tensor, num_classes: int, topk: int = 5) -> dict[str, float]:
+    """Loss, top-1 (``acc``), top-k, macro/weighted F1, macro precision and recall of ``logits`` against ``y``.
+
+    - Classes are ranked by logit with ties broken towards the lower class index (as ``argmax`` does), so the
+      top-1 prediction is always the first of the top k: top-k >= top-1 even for constant logits.
+    - A row with a NaN logit has no prediction: it counts as wrong for every metric, and the loss is NaN.
+      ``-inf`` logits are classes masked out of the prediction (``label_mask``); they are ranked last.
+    - Macro averages run over the classes present in ``y`` or predicted, not over all ``num_classes``: a
+      class with no test sample and no prediction has no F1 to average (scoring it 0 would cap the macro
+      F1 of a client whose local split holds 2 of 10 classes at 0.2 even when all its predictions are right).
+    """
     y = y.cpu()
     if len(y) == 0:
         return {"n": 0}
-    finite = torch.where(torch.isfinite(logits), logits, torch.full_like(logits, -1e9))
-    loss = float(F.cross_entropy(finite, y))
-    pred = logits.argmax(1)
+    logits = logits.cpu().float()
+    nan_row = torch.isnan(logits).any(1)
+    # Masked classes (-inf) as a very low finite logit, so a fully masked row gives a finite loss; NaN and
+    # +inf are left as they are and make the loss NaN, as they should for a broken model.
+    loss_in = logits.masked_fill(torch.isneginf(logits), -1e9)
+    loss = float(F.cross_entropy(loss_in, y))
     k = min(topk, num_classes)
-    topk_hit = (logits.topk(k, dim=1).indices == y[:, None]).any(1)
-    yt, yp = y.numpy(), pred.numpy()
+    scores = logits.masked_fill(nan_row[:, None], float("-inf"))
+    ranked = torch.argsort(scores, dim=1, descending=True, stable=True)[:, :k]
+    pred = ranked[:, 0]
+    correct = (pred == y) & ~nan_row
+    topk_hit = (ranked == y[:, None]).any(1) & ~nan_row
+    yt = y.numpy()
+    yp = torch.where(nan_row, torch.full_like(pred, -1), pred).numpy()  # -1: no prediction (a miss)
     labels = np.arange(num_classes)
     kw = {"labels": labels, "zero_division": 0}
+    n = len(yt)
     return {
-        "n": int(len(y)),
+        "n": int(n),
         "loss": loss,
-        "acc": float((pred == y).float().mean()),
-        f"top{k}": float(topk_hit.float().mean()),
+        "acc": int(correct.sum()) / n,
+        f"top{k}": int(topk_hit.sum()) / n,
         "f1_macro": float(f1_score(yt, yp, average="macro", **kw)),
         "f1_weighted": float(f1_score(yt, yp, average="weighted", **kw)),
         "precision": float(precision_score(yt, yp, average="macro", **kw)),

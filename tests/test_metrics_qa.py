@@ -1,0 +1,87 @@
+"""Metrics from logits: top-k against top-1, broken outputs, macro averages on local splits."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from sklearn.metrics import f1_score, precision_score, recall_score, top_k_accuracy_score
+
+from fedslim.metrics import metrics_from_logits
+
+
+def test_constant_logits_top5_not_below_top1() -> None:
+    # A model whose outputs do not depend on the input (dead ReLUs, all-zero weights) ties every class.
+    # argmax picked class 0 while topk picked other tied classes: top-1 25 %, top-5 0 %.
+    y = torch.tensor([0, 1, 2, 3])
+    m = metrics_from_logits(torch.zeros(4, 10), y, 10)
+    assert m["acc"] == 0.25  # ties go to the lowest class index, as argmax does
+    assert m["top5"] == 1.0  # classes 0..4 are the top 5
+    assert m["top5"] >= m["acc"]
+
+
+def test_topk_at_least_top1_on_random_ties() -> None:
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randint(0, 3, (500, 10), generator=g).float()  # many ties
+    y = torch.randint(0, 10, (500,), generator=g)
+    m = metrics_from_logits(logits, y, 10)
+    assert m["top5"] >= m["acc"]
+    assert m["acc"] == float((logits.argmax(1) == y).double().mean())
+
+
+def test_nan_logits_count_as_misses_with_nan_loss() -> None:
+    # Before: loss 2.3026 (as if uniform), acc 0.25 (NaN read as the max at class 0) and top-5 0.0.
+    y = torch.tensor([0, 1, 2, 3])
+    m = metrics_from_logits(torch.full((4, 10), float("nan")), y, 10)
+    assert math.isnan(m["loss"])
+    assert m["acc"] == 0.0 and m["top5"] == 0.0
+    assert m["f1_macro"] == 0.0 and m["recall"] == 0.0
+
+
+def test_one_nan_row_is_a_miss_and_the_rest_are_scored() -> None:
+    logits = torch.eye(4, 10) * 5
+    logits[3, 2] = float("nan")
+    m = metrics_from_logits(logits, torch.tensor([0, 1, 2, 3]), 10)
+    assert m["acc"] == 0.75 and m["top5"] == 0.75
+    assert math.isnan(m["loss"])
+
+
+def test_plus_inf_logit_is_not_turned_into_a_huge_loss() -> None:
+    # Before: +inf was replaced by -1e9, so a right answer with an infinite logit gave loss 2.5e8.
+    logits = torch.zeros(4, 10)
+    logits[0, 0] = float("inf")
+    m = metrics_from_logits(logits, torch.tensor([0, 1, 2, 3]), 10)
+    assert not m["loss"] > 1e6
+
+
+def test_masked_classes_still_give_a_finite_loss() -> None:
+    logits = torch.full((3, 10), float("-inf"))
+    logits[:, 4] = 2.0
+    logits[:, 7] = 1.0
+    m = metrics_from_logits(logits, torch.tensor([4, 4, 7]), 10)
+    assert math.isfinite(m["loss"]) and m["acc"] == 2 / 3 and m["top5"] == 1.0
+
+
+def test_accuracy_is_the_exact_fraction() -> None:
+    # Before: float32 mean, e.g. 105/360 stored as 0.2916666567325592.
+    y = torch.arange(360) % 10
+    logits = torch.zeros(360, 10)
+    logits[torch.arange(105), y[:105]] = 1.0
+    logits[torch.arange(105, 360), (y[105:] + 1) % 10] = 1.0
+    m = metrics_from_logits(logits, y, 10)
+    assert m["acc"] == 105 / 360
+
+
+def test_matches_sklearn_on_random_logits() -> None:
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(300, 10, generator=g)
+    y = torch.randint(0, 10, (300,), generator=g)
+    m = metrics_from_logits(logits, y, 10)
+    yt, yp = y.numpy(), logits.argmax(1).numpy()
+    assert m["top5"] == top_k_accuracy_score(yt, logits.numpy(), k=5, labels=np.arange(10))
+    assert m["f1_macro"] == f1_score(yt, yp, average="macro")
+    assert m["f1_weighted"] == f1_score(yt, yp, average="weighted")
+    assert m["precision"] == precision_score(yt, yp, average="macro", zero_division=0)
+    assert m["recall"] == recall_score(yt, yp, average="macro", zero_division=0)
+    assert abs(m["loss"] - float(torch.nn.functional.cross_entropy(logits, y))) < 1e-6
