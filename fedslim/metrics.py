@@ -56,7 +56,7 @@ def metrics_from_logits(logits: torch.Tensor, y: torch.Tensor, num_classes: int,
     topk_hit = (ranked == y[:, None]).any(1) & ~nan_row
     yt = y.numpy()
     yp = torch.where(nan_row, torch.full_like(pred, -1), pred).numpy()  # -1: no prediction (a miss)
-    labels = np.arange(num_classes)
+    labels = np.union1d(yt, yp[yp >= 0])
     kw = {"labels": labels, "zero_division": 0}
     n = len(yt)
     return {

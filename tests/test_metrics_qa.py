@@ -85,3 +85,28 @@ def test_matches_sklearn_on_random_logits() -> None:
     assert m["precision"] == precision_score(yt, yp, average="macro", zero_division=0)
     assert m["recall"] == recall_score(yt, yp, average="macro", zero_division=0)
     assert abs(m["loss"] - float(torch.nn.functional.cross_entropy(logits, y))) < 1e-6
+
+
+def test_macro_averages_skip_classes_absent_from_the_split() -> None:
+    # A client's local test split with 2 of 10 classes, every prediction right (the label mask restricts
+    # predictions to its classes). Before: f1_macro / precision / recall 0.2, averaging in 8 classes with
+    # neither a sample nor a prediction as 0.
+    logits = torch.full((6, 10), float("-inf"))
+    logits[:, 3] = torch.tensor([5.0, 5.0, 5.0, 0.0, 0.0, 0.0])
+    logits[:, 8] = torch.tensor([0.0, 0.0, 0.0, 5.0, 5.0, 5.0])
+    y = torch.tensor([3, 3, 3, 8, 8, 8])
+    m = metrics_from_logits(logits, y, 10)
+    assert m["acc"] == 1.0
+    assert m["f1_macro"] == 1.0 and m["precision"] == 1.0 and m["recall"] == 1.0 and m["f1_weighted"] == 1.0
+
+
+def test_macro_averages_count_a_predicted_class_with_no_samples() -> None:
+    # Class 5 is predicted but has no test sample: its precision is 0 and it stays in the macro average.
+    logits = torch.zeros(4, 10)
+    logits[torch.arange(4), torch.tensor([1, 1, 2, 5])] = 1.0
+    y = torch.tensor([1, 1, 2, 2])
+    m = metrics_from_logits(logits, y, 10)
+    yp = np.array([1, 1, 2, 5])
+    assert m["precision"] == precision_score(y.numpy(), yp, average="macro", zero_division=0)  # over {1, 2, 5}
+    assert m["precision"] == (1 + 1 + 0) / 3
+    assert m["recall"] == (1 + 0.5 + 0) / 3
