@@ -683,3 +683,30 @@ def test_parse_idx_rejects_trailing_bytes() -> None:
     with pytest.raises(DataError, match="trailing data: expected 13 bytes"):
         formats.parse_idx(data, Path("x"), formats.IDX_LABELS)
     assert formats.parse_idx(io.BytesIO(data[:-1]).read(), Path("x"), formats.IDX_LABELS).shape == (5,)
+
+
+def test_out_of_range_idx_label_names_the_file_and_sample(tmp_path: Path) -> None:
+    # Before: a labels byte of 200 loaded silently (`data info` counted 1 sample fewer than it listed) and a
+    # run died later in the partition report with "labels must lie in [0, 10), found 0..200", no file named.
+    write_tiny_idx(tmp_path / "mnist")
+    f = tmp_path / "mnist" / "train-labels-idx1-ubyte.gz"
+    raw = bytearray(gzip.decompress(f.read_bytes()))
+    raw[8 + 7] = 200  # sample 7
+    f.write_bytes(gzip.compress(bytes(raw)))
+    with pytest.raises(DataError) as e:
+        load_dataset("mnist", tmp_path)
+    msg = str(e.value)
+    assert msg.startswith(f"{f}: label 200 at sample 7 is outside 0..9")
+    assert "1 of 30 labels out of range" in msg and "fedslim data verify" in msg
+
+
+def test_out_of_range_cifar_batch_label_names_the_batch(tmp_path: Path) -> None:
+    folder = tmp_path / "cifar-10-batches-py"
+    write_cifar_batches(folder)
+    p = folder / "data_batch_3"
+    blob = pickle.loads(p.read_bytes(), encoding="bytes")
+    blob[b"labels"][2] = 12
+    p.write_bytes(pickle.dumps(blob, protocol=2))
+    with pytest.raises(DataError) as e:
+        load_dataset("cifar10", tmp_path)
+    assert str(e.value).startswith(f"{p}: label 12 at sample 2 is outside 0..9")

@@ -164,6 +164,20 @@ def _bundle(name: str, train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndar
                          input_shape=tuple(tr.x.shape[1:]), class_names=list(classes))
 
 
+def check_labels(y: np.ndarray, num_classes: int, where: Path | str) -> None:
+    """Refuse labels outside 0..num_classes-1, naming the file, the first bad sample and its value.
+
+    A corrupt labels file can hold any byte; loaded as it is, the first out-of-range label would only
+    surface later as a crash in the partition report or the loss, with no file named.
+    """
+    bad = np.flatnonzero((y < 0) | (y >= num_classes))
+    if len(bad):
+        i = int(bad[0])
+        raise DataError(f"{where}: label {int(y[i])} at sample {i} is outside 0..{num_classes - 1} "
+                        f"({len(bad)} of {len(y)} labels out of range); the file is corrupt or from another "
+                        f"dataset (`fedslim data verify` checks a dataset's files against the known checksums)")
+
+
 def _download_hint(name: str) -> str:
     return f"download it with `fedslim data download {name} --to DIR` and pass --data-dir DIR"
 
@@ -280,6 +294,7 @@ def _load_idx(name: str, root: Path | None, options: dict[str, Any], classes: li
     for xf, yf, x, y in (("train_x", "train_y", xtr, ytr), ("test_x", "test_y", xte, yte)):
         if len(x) != len(y):
             raise DataError(f"{files[yf]}: {len(y)} labels but {files[xf].name} has {len(x)} images")
+        check_labels(y, len(classes), files[yf])
     stats = NORM_STATS[name] if options["normalize"] else None
     return _bundle(name, (xtr[:, None], ytr), (xte[:, None], yte), classes, stats)
 
@@ -510,6 +525,8 @@ def _cifar_from_batches(read: Callable[[str], bytes], where: Callable[[str], Pat
         classes = meta or classes
     except KeyError:
         pass  # batches.meta is optional: the standard class names apply
+    for b, y in zip([*_CIFAR_BATCHES, "test_batch"], [*ys, yte], strict=True):
+        check_labels(y, len(classes), where(b))
     return {"train": (np.concatenate(xs), np.concatenate(ys), classes), "test": (xte, yte, classes)}
 
 
