@@ -59,3 +59,38 @@ def test_rounds_zero_on_the_command_line_is_refused_not_ignored(tmp_path: Path, 
     assert main(["run", str(p), "-q", "--rounds", "0"]) == 2
     assert "federation.rounds" in capsys.readouterr().err
     assert not (Path(tiny_cfg["output_dir"]) / "tiny").exists()
+
+
+def test_resuming_a_finished_run_says_so_and_rewrites_nothing(tmp_path: Path, tiny_cfg: dict, capsys) -> None:
+    p = _write(tmp_path, tiny_cfg)
+    assert main(["run", str(p), "-q"]) == 0
+    run = Path(tiny_cfg["output_dir"]) / "tiny"
+    before = {f.name: (f.read_bytes(), f.stat().st_mtime_ns) for f in run.iterdir()}
+    capsys.readouterr()
+    assert main(["run", str(p), "-q", "--resume"]) == 0
+    out = capsys.readouterr().out
+    assert "already finished all 3 rounds; nothing to resume" in out and "at round 4" not in out, out
+    assert {f.name: (f.read_bytes(), f.stat().st_mtime_ns) for f in run.iterdir()} == before
+
+
+def test_resume_finishes_a_run_killed_after_its_last_checkpoint(tmp_path: Path, tiny_cfg: dict, capsys) -> None:
+    p = _write(tmp_path, tiny_cfg)
+    assert main(["run", str(p), "-q"]) == 0
+    run = Path(tiny_cfg["output_dir"]) / "tiny"
+    summary = (run / "summary.json").read_bytes()
+    (run / "summary.json").unlink()  # killed after the last checkpoint, before the summary
+    capsys.readouterr()
+    assert main(["run", str(p), "-q", "--resume"]) == 0
+    assert "all 3 rounds are done, finishing the run" in capsys.readouterr().out
+    assert (run / "summary.json").read_bytes() == summary
+
+
+def test_checkpoint_of_another_config_names_the_field(tmp_path: Path, tiny_cfg: dict, capsys) -> None:
+    # config.yaml says seed 4 (edited, or copied from another run) but the checkpoint was written with seed 3.
+    p = _write(tmp_path, tiny_cfg)
+    assert main(["run", str(p), "-q"]) == 0
+    cfg_file = Path(tiny_cfg["output_dir"]) / "tiny" / "config.yaml"
+    cfg_file.write_text(cfg_file.read_text().replace("seed: 3", "seed: 4"))
+    assert main(["run", str(p), "-q", "--resume", "--set", "seed=4"]) == 2
+    err = capsys.readouterr().err
+    assert "another config: seed: 3 in the checkpoint, 4 now" in err, err

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -345,7 +346,10 @@ class Runner:
                 raise RunError(f"{self.run_dir / CHECKPOINT_FILE}: checkpoint version {ck.get('version')} "
                                f"is not supported (expected {CHECKPOINT_VERSION})")
             if ck.get("config") != _comparable(cfg):
-                raise RunError(f"--resume: {self.run_dir / CHECKPOINT_FILE} was written by another config")
+                diffs = _diff(ck.get("config") or {}, _comparable(cfg))
+                raise RunError(f"--resume: {self.run_dir / CHECKPOINT_FILE} was written by another config"
+                               + (f": {diffs[0]}" if diffs else "")
+                               + (f" (+{len(diffs) - 1} more)" if len(diffs) > 1 else ""))
             self.algo.load_state_dict(ck["algorithm"])
             self.codec_up.load_state_dict(ck["codec_up"])
             self.codec_down.load_state_dict(ck["codec_down"])
@@ -353,7 +357,17 @@ class Runner:
             rows = [r for r in read_jsonl(self.run_dir / METRICS_FILE) if r.get("round", 0) <= ck["round"]]
             self._check_metrics_cover(rows, ck["round"])
             timings = [r for r in read_jsonl(self.run_dir / TIMINGS_FILE) if r["round"] <= ck["round"]]
-            self._say(f"resuming {self.run_dir} at round {start_round}")
+            if start_round > cfg.federation.rounds and (self.run_dir / SUMMARY_FILE).exists():
+                # Finished: running finalize again (HybridCompFL deploys to every device) would only
+                # redo work and rewrite the results of a complete run.
+                self.backend.close()
+                self._say(f"{self.run_dir} already finished all {cfg.federation.rounds} rounds; nothing to "
+                          f"resume (its results are in {SUMMARY_FILE} and {METRICS_FILE})")
+                return json.loads((self.run_dir / SUMMARY_FILE).read_text())
+            if start_round > cfg.federation.rounds:
+                self._say(f"resuming {self.run_dir}: all {cfg.federation.rounds} rounds are done, finishing the run")
+            else:
+                self._say(f"resuming {self.run_dir} at round {start_round}")
         else:
             atomic_write_text(self.run_dir / CONFIG_FILE, dump_config(cfg))
             self._write_partition_report()
