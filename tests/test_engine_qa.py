@@ -94,3 +94,17 @@ def test_checkpoint_of_another_config_names_the_field(tmp_path: Path, tiny_cfg: 
     assert main(["run", str(p), "-q", "--resume", "--set", "seed=4"]) == 2
     err = capsys.readouterr().err
     assert "another config: seed: 3 in the checkpoint, 4 now" in err, err
+
+
+def test_runner_prints_to_the_stdout_of_the_moment(tiny_cfg: dict, capsys) -> None:
+    import contextlib
+    import io
+
+    from fedslim.config import validate
+    from fedslim.engine.run import Runner
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        Runner(validate(tiny_cfg)).run()
+    assert "tiny: fedavg / mlp / synthetic, 3 rounds" in buf.getvalue()
+    assert "tiny: fedavg" not in capsys.readouterr().out

@@ -123,12 +123,14 @@ def _why_serial(cfg: RunConfig) -> str:
 
 class Runner:
     def __init__(self, cfg: RunConfig, *, data_dir: str | None = None, resume: bool = False,
-                 progress: bool | None = None, out: TextIO = sys.stdout):
+                 progress: bool | None = None, out: TextIO | None = None):
         self.cfg = cfg
         self.data_dir = data_dir
         self.resume = resume
         self.progress = cfg.engine.progress if progress is None else progress
-        self.out = out
+        # sys.stdout as it is now, not as it was when this module was imported (a default argument
+        # would keep that stream: redirect_stdout, pytest's capture or a closed stream would be missed).
+        self.out = out if out is not None else sys.stdout
         self.run_dir = Path(cfg.output_dir) / cfg.name
         self._compressible: dict[ModelSpec, frozenset[str]] = {}
         self._profiles: dict[ModelSpec, dict[str, int]] = {}
