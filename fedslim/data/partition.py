@@ -35,6 +35,14 @@ def _check_min_size(n: int, num_clients: int, min_size: int) -> None:
                          f"{num_clients * min_size} exceeds the {n} samples")
 
 
+def _check_alpha(alpha: float) -> None:
+    # The config accepts inf (YAML .inf, --set ...=inf); numpy's Dirichlet then draws NaN shares, which left
+    # every client but the last empty and silently topped up to min_size.
+    if not np.isfinite(alpha) or alpha <= 0:
+        raise ValueError(f"data.partition.alpha: must be a finite number > 0, got {alpha}; large values (e.g. "
+                         f"1000) give near-equal shares, and data.partition.kind=iid an exactly even split")
+
+
 def _finish(parts: Sequence[np.ndarray]) -> Parts:
     return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
 
@@ -66,6 +74,7 @@ def dirichlet(labels: np.ndarray, num_clients: int, cfg: PartitionConfig, rng: n
     ``num_clients`` moves.
     """
     labels = _check(labels, num_clients)
+    _check_alpha(cfg.alpha)
     _check_min_size(len(labels), num_clients, cfg.min_size)
     classes = np.unique(labels)
     by_class = [rng.permutation(np.flatnonzero(labels == c)) for c in classes]
@@ -156,6 +165,7 @@ def quantity(labels: np.ndarray, num_clients: int, cfg: PartitionConfig, rng: np
     sum to N exactly without redraws."""
     labels = _check(labels, num_clients)
     n = len(labels)
+    _check_alpha(cfg.alpha)
     _check_min_size(n, num_clients, cfg.min_size)
     share = rng.dirichlet(np.full(num_clients, cfg.alpha))
     sizes = cfg.min_size + _largest_remainder(share, n - cfg.min_size * num_clients)
