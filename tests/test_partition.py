@@ -175,3 +175,14 @@ def test_infinite_alpha_is_refused_naming_the_field(kind: str) -> None:
 def test_huge_finite_alpha_gives_near_equal_clients() -> None:
     parts = make_partition(labels_like_mnist(1437), 4, PartitionConfig(kind="dirichlet", alpha=1e300), 0)
     assert max(len(p) for p in parts) - min(len(p) for p in parts) <= 10
+
+
+def test_local_split_never_takes_a_one_sample_clients_only_sample() -> None:
+    # Before: at data.local_test_fraction >= 0.5 (round(0.6 * 1) = 1) the only sample went to the test
+    # side and the client was left with no training data.
+    rng = np.random.default_rng(0)
+    for fraction in (0.2, 0.5, 0.6, 0.9):
+        tr, te = split_local_test(np.array([7]), fraction, rng)
+        assert tr.tolist() == [7] and len(te) == 0
+    pairs = split_local_test([np.array([3]), np.arange(10, 14)], 0.75, rng)
+    assert [(len(a), len(b)) for a, b in pairs] == [(1, 0), (1, 3)]

@@ -185,6 +185,8 @@ def _split_one(idx: np.ndarray, fraction: float, rng: np.random.Generator) -> tu
     n_test = int(round(fraction * n))
     if fraction > 0 and n >= 2:
         n_test = min(max(n_test, 1), n - 1)  # keep both sides non-empty when there is any choice
+    elif n < 2:
+        n_test = 0  # a one-sample client trains on it: a client with no training data would only send zeros
     perm = rng.permutation(idx)
     return np.sort(perm[n_test:]), np.sort(perm[:n_test])
 
