@@ -108,3 +108,18 @@ def test_runner_prints_to_the_stdout_of_the_moment(tiny_cfg: dict, capsys) -> No
         Runner(validate(tiny_cfg)).run()
     assert "tiny: fedavg / mlp / synthetic, 3 rounds" in buf.getvalue()
     assert "tiny: fedavg" not in capsys.readouterr().out
+
+
+def test_a_moved_and_renamed_run_folder_resumes(tmp_path: Path, tiny_cfg: dict, kill_run) -> None:
+    import shutil
+
+    tiny_cfg["federation"]["rounds"] = 4
+    full = dict(tiny_cfg, name="full")
+    assert main(["run", str(_write(tmp_path, full)), "-q"]) == 0
+    kill_run(tiny_cfg, 3)
+    moved = tmp_path / "elsewhere"
+    shutil.move(Path(tiny_cfg["output_dir"]) / "tiny", moved / "renamed")
+    p = _write(tmp_path, tiny_cfg)
+    assert main(["run", str(p), "-q", "--resume", "--output-dir", str(moved), "--name", "renamed"]) == 0
+    assert (moved / "renamed" / "metrics.jsonl").read_bytes() == (
+        Path(tiny_cfg["output_dir"]) / "full" / "metrics.jsonl").read_bytes()

@@ -95,7 +95,12 @@ def compressible_names(model: nn.Module, targets: str) -> frozenset[str]:
 def _comparable(cfg: RunConfig) -> dict[str, Any]:
     d = cfg.model_dump(mode="json")
     d.pop("engine", None)  # where and how fast it runs does not change the numbers
+    # Nor where its files live: a run folder moved or renamed (output_dir, name), or a dataset moved
+    # (data.root, like --data-dir and $FEDSLIM_DATA, which were never compared), resumes as it was.
     d.pop("output_dir", None)
+    d.pop("name", None)
+    if isinstance(d.get("data"), dict):
+        d["data"].pop("root", None)
     return d
 
 
