@@ -123,3 +123,17 @@ def test_a_moved_and_renamed_run_folder_resumes(tmp_path: Path, tiny_cfg: dict, 
     assert main(["run", str(p), "-q", "--resume", "--output-dir", str(moved), "--name", "renamed"]) == 0
     assert (moved / "renamed" / "metrics.jsonl").read_bytes() == (
         Path(tiny_cfg["output_dir"]) / "full" / "metrics.jsonl").read_bytes()
+
+
+def test_a_checkpoint_that_saved_name_and_output_dir_still_resumes(tmp_path: Path, tiny_cfg: dict, kill_run) -> None:
+    # Checkpoints written before name and data.root stopped being compared hold them in their config.
+    import torch
+
+    tiny_cfg["federation"]["rounds"] = 4
+    kill_run(tiny_cfg, 3)
+    ck_path = Path(tiny_cfg["output_dir"]) / "tiny" / "checkpoint.pt"
+    ck = torch.load(ck_path, weights_only=False)
+    ck["config"]["name"] = "tiny"
+    ck["config"]["data"]["root"] = None
+    torch.save(ck, ck_path)
+    assert main(["run", str(_write(tmp_path, tiny_cfg)), "-q", "--resume"]) == 0

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import sys
@@ -92,8 +93,10 @@ def compressible_names(model: nn.Module, targets: str) -> frozenset[str]:
     return frozenset(names)
 
 
-def _comparable(cfg: RunConfig) -> dict[str, Any]:
-    d = cfg.model_dump(mode="json")
+def _comparable(cfg: RunConfig | dict[str, Any]) -> dict[str, Any]:
+    """The part of a config that decides the numbers. Also takes a checkpoint's saved one (a dict),
+    which older versions saved with more fields in it."""
+    d = copy.deepcopy(cfg) if isinstance(cfg, dict) else cfg.model_dump(mode="json")
     d.pop("engine", None)  # where and how fast it runs does not change the numbers
     # Nor where its files live: a run folder moved or renamed (output_dir, name), or a dataset moved
     # (data.root, like --data-dir and $FEDSLIM_DATA, which were never compared), resumes as it was.
@@ -352,8 +355,9 @@ class Runner:
             if ck.get("version") != CHECKPOINT_VERSION:
                 raise RunError(f"{self.run_dir / CHECKPOINT_FILE}: checkpoint version {ck.get('version')} "
                                f"is not supported (expected {CHECKPOINT_VERSION})")
-            if ck.get("config") != _comparable(cfg):
-                diffs = _diff(ck.get("config") or {}, _comparable(cfg))
+            saved_cfg = _comparable(ck["config"]) if isinstance(ck.get("config"), dict) else {}
+            if saved_cfg != _comparable(cfg):
+                diffs = _diff(saved_cfg, _comparable(cfg))
                 raise RunError(f"--resume: {self.run_dir / CHECKPOINT_FILE} was written by another config"
                                + (f": {diffs[0]}" if diffs else "")
                                + (f" (+{len(diffs) - 1} more)" if len(diffs) > 1 else ""))
