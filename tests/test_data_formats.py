@@ -710,3 +710,21 @@ def test_out_of_range_cifar_batch_label_names_the_batch(tmp_path: Path) -> None:
     with pytest.raises(DataError) as e:
         load_dataset("cifar10", tmp_path)
     assert str(e.value).startswith(f"{p}: label 12 at sample 2 is outside 0..9")
+
+
+@pytest.mark.parametrize(("fraction", "says"), [(0.001, "leaves 2 test samples"),
+                                                 (0.995, "leaves 8 training samples")])
+def test_digits_test_fraction_that_empties_a_class_names_the_field(fraction: float, says: str) -> None:
+    # Before: scikit-learn's "The test_size = 2 should be greater or equal to the number of classes = 10".
+    with pytest.raises(ValueError, match=rf"^data.options.test_fraction: {fraction} {says} of digits' 1797, "
+                                         r"fewer than its 10 classes \(the split is stratified\); use 0.0056 to "
+                                         r"0.9944$"):
+        load_dataset("digits", options={"test_fraction": fraction})
+    b = load_dataset("digits", options={"test_fraction": 0.0056})  # the limit works
+    assert len(b.test) == 11 and len(np.unique(b.test.y.numpy())) == 10
+
+
+def test_synthetic_sample_count_error_names_the_option() -> None:
+    # Before: "data.options.num_samples and test_samples: must be >= 1" whichever was wrong.
+    with pytest.raises(ValueError, match=r"^data.options.test_samples: must be >= 1, got 0$"):
+        load_dataset("synthetic", options={"test_samples": 0})

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import warnings
 import zipfile
@@ -215,6 +216,15 @@ def load_digits(root: Path | None, options: dict[str, Any]) -> DatasetBundle:
     # Digits are 0..16 intensities; rescale to the same 0..255 range as the image datasets.
     x = np.rint(d.images * (255.0 / 16.0)).astype(np.uint8)[:, None]
     y = d.target.astype(np.int64)
+    # The split is stratified: each side needs a sample of every class (else scikit-learn refuses, naming
+    # no field). It takes ceil(frac * N) test samples.
+    n, k = len(y), len(np.unique(y))
+    n_test = math.ceil(frac * n)
+    if n_test < k or n - n_test < k:
+        side, m = ("test", n_test) if n_test < k else ("training", n - n_test)
+        raise ValueError(f"data.options.test_fraction: {frac} leaves {m} {side} samples of digits' {n}, fewer "
+                         f"than its {k} classes (the split is stratified); use {k / n:.4f} to "
+                         f"{(n - k) / n:.4f}")
     tr, te = train_test_split(np.arange(len(y)), test_size=frac, stratify=y,
                               random_state=options["split_seed"])
     return _bundle("digits", (x[tr], y[tr]), (x[te], y[te]), [str(i) for i in range(10)], NORM_STATS["digits"])
@@ -726,8 +736,9 @@ def _verify_cifar_jpeg_tree(tree: Path, what: str) -> list[VerifyResult]:
 def load_synthetic(root: Path | None, options: dict[str, Any]) -> DatasetBundle:
     n, n_test, k = options["num_samples"], options["test_samples"], options["num_classes"]
     shape = tuple(options["shape"])
-    if n < 1 or n_test < 1:
-        raise ValueError("data.options.num_samples and test_samples: must be >= 1")
+    for key in ("num_samples", "test_samples"):
+        if options[key] < 1:
+            raise ValueError(f"data.options.{key}: must be >= 1, got {options[key]}")
     if k < 2:
         raise ValueError(f"data.options.num_classes: must be >= 2, got {k}")
     if not 1 <= len(shape) <= 3 or not all(isinstance(s, int) and s >= 1 for s in shape):
