@@ -94,6 +94,9 @@ def save_checkpoint(path: Path, obj: dict[str, Any]) -> None:
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        obj = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # noqa: BLE001  (any unpickling failure means the same thing to the user)
         raise ValueError(f"{path}: not a readable fedslim checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(obj, dict):  # a torch file, but not one a run wrote (a bare tensor, list or model)
+        raise ValueError(f"{path}: not a fedslim checkpoint (it holds a {type(obj).__name__}, not a run's state)")
+    return obj

@@ -137,3 +137,15 @@ def test_a_checkpoint_that_saved_name_and_output_dir_still_resumes(tmp_path: Pat
     ck["config"]["data"]["root"] = None
     torch.save(ck, ck_path)
     assert main(["run", str(_write(tmp_path, tiny_cfg)), "-q", "--resume"]) == 0
+
+
+def test_a_torch_file_that_is_not_a_checkpoint_is_one_line(tmp_path: Path, tiny_cfg: dict, capsys) -> None:
+    import torch
+
+    p = _write(tmp_path, tiny_cfg)
+    assert main(["run", str(p), "-q"]) == 0
+    torch.save([1, 2], Path(tiny_cfg["output_dir"]) / "tiny" / "checkpoint.pt")
+    capsys.readouterr()
+    assert main(["run", str(p), "-q", "--resume"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("checkpoint.pt: not a fedslim checkpoint (it holds a list, not a run's state)"), err
