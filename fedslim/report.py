@@ -76,7 +76,9 @@ def report(runs: list[str], out_dir: str | None = None) -> str:
                          f"{_up_ratio(s):>6} {_fmt_bytes(last['cum_bytes_down']):>10} "
                          f"{last.get('sim_time_s', 0):8.1f}")
         for name, m in zip(names[len(evals):], (last.get("local") or {}).values(), strict=True):
-            lines.append(f"{name:<{wn}} {'':<{wa}} {'':<{wm}} {last['round']:>4} {m['acc'] * 100:7.2f}")
+            # A local entry with no samples (every client's local test split empty) is {"n": 0}, no acc.
+            acc = f"{m['acc'] * 100:7.2f}" if "acc" in m else f"{'-':>7}  (no local test samples)"
+            lines.append(f"{name:<{wn}} {'':<{wa}} {'':<{wm}} {last['round']:>4} {acc}")
     deployed = [(p, s["deployment"]) for p, s, _ in loaded if isinstance(s.get("deployment"), dict)]
     if deployed:
         # Every method's 'down' counts the training rounds only; a model handed out once after training

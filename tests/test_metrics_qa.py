@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 import torch
 from sklearn.metrics import f1_score, precision_score, recall_score, top_k_accuracy_score
 
 from fedslim.metrics import metrics_from_logits
+from fedslim.report import report
 
 
 def test_constant_logits_top5_not_below_top1() -> None:
@@ -110,3 +113,28 @@ def test_macro_averages_count_a_predicted_class_with_no_samples() -> None:
     assert m["precision"] == precision_score(y.numpy(), yp, average="macro", zero_division=0)  # over {1, 2, 5}
     assert m["precision"] == (1 + 1 + 0) / 3
     assert m["recall"] == (1 + 0.5 + 0) / 3
+
+
+def _fake_run(folder: Path, local: dict) -> Path:
+    folder.mkdir(parents=True)
+    row = {"round": 1, "eval": {"global": {"acc": 0.5, "f1_weighted": 0.4, "n": 10}}, "local": local,
+           "cum_bytes_up": 1000, "cum_bytes_down": 1000, "sim_time_s": 0.1}
+    (folder / "metrics.jsonl").write_text(json.dumps(row) + "\n")
+    (folder / "summary.json").write_text(json.dumps({"name": folder.name, "algorithm": "fedavg", "model": "lenet5"}))
+    return folder
+
+
+def test_report_shows_a_local_entry_without_samples_instead_of_crashing(tmp_path: Path) -> None:
+    # Every client's local test split empty (one-sample clients) gives local {"all": {"n": 0}}. Before:
+    # `fedslim report` died with KeyError: 'acc'.
+    run = _fake_run(tmp_path / "r1", {"all": {"n": 0}})
+    text = report([str(run)], str(tmp_path / "out"))
+    line = next(ln for ln in text.splitlines() if ln.startswith("r1 local/all"))
+    assert line.split()[-6:] == ["1", "-", "(no", "local", "test", "samples)"]
+
+
+def test_report_local_rows_show_their_accuracy(tmp_path: Path) -> None:
+    run = _fake_run(tmp_path / "r2", {"all": {"n": 20, "acc": 0.25}, "fast": {"n": 5, "acc": 0.4}})
+    text = report([str(run)], str(tmp_path / "out"))
+    rows = {ln.split()[1]: ln.split()[-1] for ln in text.splitlines() if ln.startswith("r2 local/")}
+    assert rows == {"local/all": "25.00", "local/fast": "40.00"}
