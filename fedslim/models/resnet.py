@@ -127,7 +127,8 @@ def preresnet18(*, num_classes: int, input_shape: tuple[int, ...], width: float 
     check_common_args("preresnet18", num_classes, width)
     opts = parse_options("preresnet18", options, {**COMMON_OPTIONS, "blocks": "heterofl"})
     layout = opts.pop("blocks")
-    if layout not in BLOCKS:
+    # A list or mapping from YAML is unhashable: test the type before the dict lookup.
+    if not isinstance(layout, str) or layout not in BLOCKS:
         raise ValueError(f"model.options.blocks: must be one of {', '.join(BLOCKS)} for model "
                          f"'preresnet18', got {layout!r}")
     shape = image_shape("preresnet18", input_shape)
