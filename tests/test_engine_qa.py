@@ -149,3 +149,10 @@ def test_a_torch_file_that_is_not_a_checkpoint_is_one_line(tmp_path: Path, tiny_
     assert main(["run", str(p), "-q", "--resume"]) == 1
     err = capsys.readouterr().err.strip()
     assert err.endswith("checkpoint.pt: not a fedslim checkpoint (it holds a list, not a run's state)"), err
+
+
+def test_an_output_dir_that_cannot_be_made_is_one_line(tmp_path: Path, tiny_cfg: dict, capsys) -> None:
+    tiny_cfg["output_dir"] = "/proc/fedslim-no-such-folder"  # no folder can be made in /proc, even by root
+    assert main(["run", str(_write(tmp_path, tiny_cfg)), "-q"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("fedslim: output_dir: cannot create the run folder /proc/fedslim-no-such-folder/tiny"), err

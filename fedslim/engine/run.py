@@ -347,7 +347,12 @@ class Runner:
         except BaseException:
             self.backend.close()
             raise
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            self.backend.close()
+            raise RunError(f"output_dir: cannot create the run folder {self.run_dir} ({e.strerror or e}); choose "
+                           f"another output_dir") from None
         start_round, rows, cum = 1, [], {"up": 0, "down": 0, "sim_time_s": 0.0}
         timings: list[dict[str, Any]] = []
         if self.resume:
