@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import pytest
+from torch import nn
 
-from fedslim.models import build_model
+from fedslim.models import build_model, count_params, profile_spec, scaled
 
-CIFAR = (3, 32, 32)
+CIFAR, MNIST = (3, 32, 32), (1, 28, 28)
 
 
 @pytest.mark.parametrize("value", [["heterofl"], {"a": 1}, 2])
@@ -15,3 +16,20 @@ def test_preresnet18_blocks_of_the_wrong_type_names_the_option(value):
     with pytest.raises(ValueError, match=r"model\.options\.blocks: must be one of heterofl, standard") as err:
         build_model("preresnet18", num_classes=10, input_shape=CIFAR, blocks=value)
     assert repr(value) in str(err.value)
+
+
+@pytest.mark.parametrize(("base", "width", "expected"),
+                         [(200, 0.55, 110), (200, 0.07, 14), (100, 0.07, 7), (200, 1.1, 220), (200, 0.14, 28),
+                          (64, 1 / 16, 4), (200, 0.551, 111), (6, 0.001, 1)])
+def test_width_rule_is_not_fooled_by_float_noise(base, width, expected):
+    # 0.55 * 200 == 110.00000000000001 in floating point; ceil used to give 111.
+    assert scaled(base, width) == expected
+
+
+def test_mlp_at_width_055_has_110_hidden_units_and_its_profile_says_so():
+    model = build_model("mlp", num_classes=10, input_shape=MNIST, width=0.55)
+    hidden = [m.out_features for m in model.modules() if isinstance(m, nn.Linear)][:-1]
+    assert hidden == [110, 110]
+    expected = (784 * 110 + 110) + (110 * 110 + 110) + (110 * 10 + 10)
+    assert count_params(model) == expected
+    assert profile_spec("mlp", 10, MNIST, 0.55)["params"] == expected

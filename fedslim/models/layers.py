@@ -30,8 +30,14 @@ GN_GROUPS = 4
 
 
 def scaled(base: int, width: float) -> int:
-    """Channel count of a hidden layer with ``base`` channels at width ``width`` (≥ 1)."""
-    return max(1, int(math.ceil(width * base)))
+    """Channel count of a hidden layer with ``base`` channels at width ``width`` (≥ 1).
+
+    The product is rounded to 9 decimals before the ceiling: in binary floating point
+    ``0.55 * 200`` is ``110.00000000000001`` and ``0.07 * 100`` is ``7.000000000000001``, which a bare
+    ``ceil`` turns into one channel more than ``ceil(base * width)``. Widths that are exact binary
+    fractions (HeteroFL's 1, 1/2, ..., 1/16) are unaffected.
+    """
+    return max(1, int(math.ceil(round(width * base, 9))))
 
 
 class Scaler(nn.Module):
