@@ -243,3 +243,19 @@ def test_cli_verify_cifar10_checks_the_copy_the_loader_reads(tmp_path: Path,
     assert f"ok    {tree}: JPEG image-folder tree" in out
     assert f"FAIL  {tree / 'train' / 'airplane'}: class folder not found (expected 5000 images in it)" in out
     assert f"FAIL  {tree / 'test' / 'cat'}: 0 images, expected 1000" in out
+
+
+def test_cli_output_cut_short_by_the_reader_is_not_an_error_message() -> None:
+    # `fedslim data info ... | head -1`: before, "fedslim: [Errno 32] Broken pipe" on stderr and exit 1.
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "fedslim", "data", "info", "synthetic", "--option",
+                             "num_classes=5000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    first = proc.stdout.readline()
+    proc.stdout.close()  # the reader goes away while ~250 KB of class lines are still to come
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141
+    assert first.startswith(b"dataset   synthetic")
+    assert err == ""

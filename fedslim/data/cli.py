@@ -7,6 +7,8 @@ errors as one line on stderr (no traceback).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -24,6 +26,12 @@ def _guard(fn: Handler) -> Handler:
     def run(args: argparse.Namespace) -> int:
         try:
             return fn(args)
+        except BrokenPipeError:
+            # The reader went away (`fedslim data info mnist | head`): stop quietly as other tools do, and
+            # point stdout at /dev/null so the interpreter's final flush does not fail again.
+            with contextlib.suppress(OSError, ValueError):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 141
         except (DataError, ValueError, UnknownNameError, OSError) as e:
             print(f"fedslim: {e}", file=sys.stderr)
             return 1
