@@ -186,3 +186,15 @@ def test_local_split_never_takes_a_one_sample_clients_only_sample() -> None:
         assert tr.tolist() == [7] and len(te) == 0
     pairs = split_local_test([np.array([3]), np.arange(10, 14)], 0.75, rng)
     assert [(len(a), len(b)) for a, b in pairs] == [(1, 0), (1, 3)]
+
+
+def test_min_size_error_says_what_would_fit() -> None:
+    # Before: "... = 2000 exceeds the 1437 samples", with no hint of which values would work.
+    with pytest.raises(ValueError, match=r"^data.partition.min_size: 200 clients x min_size 10 = 2000 exceeds the "
+                                         r"1437 samples; lower data.partition.min_size to at most 7 or "
+                                         r"data.num_clients to at most 143$"):
+        make_partition(labels_like_mnist(1437), 200, PartitionConfig(kind="dirichlet", min_size=10), 0)
+    parts = make_partition(labels_like_mnist(1437), 200, PartitionConfig(kind="dirichlet", min_size=7), 0)
+    assert min(len(p) for p in parts) >= 7
+    parts = make_partition(labels_like_mnist(1437), 143, PartitionConfig(kind="quantity", min_size=10), 0)
+    assert min(len(p) for p in parts) >= 10

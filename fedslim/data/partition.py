@@ -32,7 +32,8 @@ def _check(labels: np.ndarray, num_clients: int) -> np.ndarray:
 def _check_min_size(n: int, num_clients: int, min_size: int) -> None:
     if min_size * num_clients > n:
         raise ValueError(f"data.partition.min_size: {num_clients} clients x min_size {min_size} = "
-                         f"{num_clients * min_size} exceeds the {n} samples")
+                         f"{num_clients * min_size} exceeds the {n} samples; lower data.partition.min_size to "
+                         f"at most {n // num_clients} or data.num_clients to at most {n // min_size}")
 
 
 def _check_alpha(alpha: float) -> None:
