@@ -259,3 +259,16 @@ def test_cli_output_cut_short_by_the_reader_is_not_an_error_message() -> None:
     assert proc.wait(timeout=120) == 141
     assert first.startswith(b"dataset   synthetic")
     assert err == ""
+
+
+@needs_shared
+def test_verify_says_when_a_file_is_the_other_datasets(tmp_path: Path) -> None:
+    # MNIST and Fashion-MNIST files have the same names. Before: only "checksum mismatch ...".
+    d = tmp_path / "mnist"
+    shutil.copytree(SHARED / "mnist", d)
+    shutil.copy(SHARED / "fashion-mnist" / LABELS, d / LABELS)
+    results = {p.name: (ok, msg) for p, ok, msg in dl.verify("mnist", tmp_path)}
+    ok, msg = results[LABELS]
+    assert not ok and msg.startswith("this is the fmnist file, not mnist (its checksum matches fmnist's); "
+                                     "checksum mismatch")
+    assert all(ok for name, (ok, _) in results.items() if name != LABELS)

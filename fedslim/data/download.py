@@ -223,6 +223,12 @@ def verify(name: str, data_dir: Path) -> list[tuple[Path, bool, str]]:
                 ok, msg = check_file(path, spec)
             except DataError as e:
                 ok, msg = False, str(e).removeprefix(f"{path}: ")
+            if not ok and msg.startswith("checksum mismatch"):
+                # MNIST and Fashion-MNIST share file names: say so when it is the other one's file.
+                other = "fmnist" if canon == "mnist" else "mnist"
+                other_spec = load_checksums()[other]["files"].get(datasets.IDX_FILES[key] + ".gz")
+                if other_spec is not None and check_file(path, other_spec)[0]:
+                    msg = f"this is the {other} file, not {canon} (its checksum matches {other}'s); {msg}"
             results.append((path, ok, msg))
         return results
     # CIFAR-10: whichever copy the loader reads (pickled or JPEG, folder or archive), in its order.
