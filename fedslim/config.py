@@ -24,7 +24,7 @@ class Strict(BaseModel):
 
 class PartitionConfig(Strict):
     kind: Literal["iid", "dirichlet", "pathological", "quantity"] = "iid"
-    alpha: float = Field(0.5, gt=0, description="Dirichlet concentration (dirichlet, quantity)")
+    alpha: float = Field(0.5, gt=0, allow_inf_nan=False, description="Dirichlet concentration (dirichlet, quantity)")
     classes_per_client: int = Field(2, ge=1, description="labels per client (pathological)")
     min_size: int = Field(10, ge=0, description="minimum samples per client (dirichlet, quantity)")
     max_tries: int = Field(100, ge=1, description="Dirichlet redraws before falling back to top-up")
@@ -234,6 +234,10 @@ class RunConfig(Strict):
     def _cross_checks(self) -> RunConfig:
         if self.data.partition.kind == "pathological" and self.data.partition.classes_per_client < 1:
             raise ValueError("data.partition.classes_per_client must be >= 1")
+        if self.eval.local and self.data.local_test_fraction == 0:
+            raise ValueError("eval.local: true needs a local test split on every client, but "
+                             "data.local_test_fraction is 0; set data.local_test_fraction (e.g. 0.2, allowed: "
+                             "0 <= f < 1) or eval.local=false")
         return self
 
 
@@ -274,7 +278,9 @@ def format_validation_error(err: ValidationError, root: type[BaseModel] = RunCon
     msg = e["msg"]
     if e["type"] == "value_error":
         msg = msg.removeprefix("Value error, ")
-        if msg.startswith(f"{field}."):  # a model validator's message that names its own field
+        # A model validator's message that names its own field, or the root validator's, which names
+        # the fields it checks.
+        if msg.startswith(f"{field}.") or not field:
             return msg
     if e["type"] == "literal_error":
         msg = msg.replace("Input should be", "must be one of")

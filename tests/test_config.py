@@ -41,6 +41,14 @@ def test_defaults_validate() -> None:
          "devices.tiers.0.nme: unknown key (did you mean 'devices.tiers.0.name'?)"),
         ({"codec": {"up": [{"nme": "quantize"}]}},
          "codec.up.0: 'nme' is not a key (did you mean 'name'?); every stage needs a name, one of int8, prune, "),
+        # numpy's Dirichlet draws NaN shares for an infinite concentration.
+        ({"data": {"partition": {"kind": "dirichlet", "alpha": float("inf")}}},
+         "data.partition.alpha: Input should be a finite number"),
+        ({"data": {"partition": {"kind": "quantity", "alpha": float("nan")}}},
+         "data.partition.alpha: Input should be a finite number"),
+        # Checked across sections, so before a run folder is made; the message starts with the field.
+        ({"eval": {"local": True}}, "eval.local: true needs a local test split on every client, but "
+                                    "data.local_test_fraction is 0"),
     ],
 )
 def test_bad_configs_are_one_line_and_name_the_field(raw: dict, expected: str) -> None:
@@ -50,6 +58,7 @@ def test_bad_configs_are_one_line_and_name_the_field(raw: dict, expected: str) -
     assert expected in msg
     assert "\n" not in msg
     assert "Value error" not in msg  # pydantic's own prefix for a validator's message
+    assert "<root>" not in msg
 
 
 def test_ray_settings_with_the_ray_backend_validate() -> None:

@@ -51,7 +51,7 @@ from fedslim.algorithms.submodel import (
     state_shapes,
 )
 from fedslim.codecs import pack_exact
-from fedslim.config import ConfigError, RunConfig
+from fedslim.config import ConfigError
 from fedslim.devices import split_counts
 from fedslim.engine.server_opt import ServerOptimizer
 from fedslim.engine.task import ClientResult, ClientTask, ModelSpec, State
@@ -144,12 +144,6 @@ class HeteroFL(Algorithm):
     params: HeteroFLParams
     # One index plan per level and round (so one payload per level); False: one per client.
     shared_plan: ClassVar[bool] = True
-
-    @classmethod
-    def check_config(cls, cfg: RunConfig) -> None:
-        if cfg.eval.local and cfg.data.local_test_fraction <= 0:
-            raise ValueError(f"eval.local: {cls.name} measures local accuracy on each client's held-out "
-                             f"split; set data.local_test_fraction > 0 (e.g. 0.1)")
 
     # ------------------------------------------------------------------ set-up
     def setup(self) -> None:
