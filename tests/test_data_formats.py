@@ -331,6 +331,24 @@ def test_image_folder_size_mismatch_names_the_first_odd_file(tmp_path: Path) -> 
     assert str(e.value).startswith(str(odd))
 
 
+def test_empty_training_class_folder_is_refused_by_name(tmp_path: Path) -> None:
+    write_image_tree(tmp_path, ["a", "b"], per_class=2)
+    (tmp_path / "train" / "empty").mkdir()
+    (tmp_path / "train" / "notes").mkdir()
+    (tmp_path / "train" / "notes" / "readme.txt").write_text("no images here")
+    with pytest.raises(DataError, match="class folders empty, notes hold no image files") as e:
+        load_dataset("imagefolder", tmp_path)
+    assert str(tmp_path / "train") in str(e.value)
+    # A test split may lack a class: it simply has no test samples of it.
+    (tmp_path / "train" / "empty").rmdir()
+    for f in (tmp_path / "train" / "notes").iterdir():
+        f.unlink()
+    (tmp_path / "train" / "notes").rmdir()
+    (tmp_path / "test" / "b").rename(tmp_path / "b-moved")
+    b = load_dataset("imagefolder", tmp_path)
+    assert b.class_names == ["a", "b"] and sorted(b.test.y.tolist()) == [0, 0]
+
+
 def test_undecodable_image_names_the_file(tmp_path: Path) -> None:
     write_image_tree(tmp_path, ["a"], per_class=2)
     bad = tmp_path / "test" / "a" / "0001.png"

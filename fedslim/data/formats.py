@@ -305,6 +305,15 @@ def read_image_folder(split_dir: Path, classes: list[str] | None = None) -> tupl
         files = [(p, remap[ci]) for p, ci in files]
     else:
         classes = found
+        # The training split defines the classes: a class with no image would still get an output unit
+        # and a column in every per-class metric, never trained and never right.
+        counts = np.bincount([ci for _, ci in files], minlength=len(classes))
+        empty = [c for c, n in zip(classes, counts, strict=True) if n == 0]
+        if empty and files:
+            raise DataError(f"{split_dir}: class folder{'s' if len(empty) > 1 else ''} {', '.join(empty)} "
+                            f"hold{'' if len(empty) > 1 else 's'} no image files ({', '.join(IMAGE_SUFFIXES)}); "
+                            "every class folder of the training split needs at least one image (remove the "
+                            "empty folder or add its images)")
     if not files:
         raise DataError(f"{split_dir}: no image files ({', '.join(IMAGE_SUFFIXES)})")
     images = [decode_image(p, str(p)) for p, _ in files]
