@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from torch import nn
 
 from fedslim.models import build_model, count_params, profile_spec, scaled
@@ -33,3 +34,22 @@ def test_mlp_at_width_055_has_110_hidden_units_and_its_profile_says_so():
     expected = (784 * 110 + 110) + (110 * 110 + 110) + (110 * 10 + 10)
     assert count_params(model) == expected
     assert profile_spec("mlp", 10, MNIST, 0.55)["params"] == expected
+
+
+@pytest.mark.parametrize("name", ["lenet5", "mlp", "preresnet18"])
+def test_numpy_integer_input_shape_is_accepted(name):
+    # num_classes accepted NumPy integers but input_shape did not: the message then read
+    # "expects input_shape (C, H, W) with positive integers, got (np.int64(1), np.int64(28), ...)".
+    import numpy as np
+
+    shape = tuple(np.array(MNIST))
+    model = build_model(name, num_classes=np.int64(10), input_shape=shape)
+    assert model(torch.zeros(2, *MNIST)).shape == (2, 10)
+    assert count_params(model) == count_params(build_model(name, num_classes=10, input_shape=MNIST))
+
+
+@pytest.mark.parametrize("shape", [(1, True, 28), (1.0, 28, 28), (1, 0, 28)])
+def test_non_integer_input_shape_is_still_refused(shape):
+    for name in ("lenet5", "mlp"):
+        with pytest.raises(ValueError, match="input_shape"):
+            build_model(name, num_classes=10, input_shape=shape)

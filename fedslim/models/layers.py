@@ -184,13 +184,27 @@ def parse_options(model: str, options: Mapping[str, Any], defaults: Mapping[str,
     return out
 
 
+def int_shape(input_shape: Iterable[Any]) -> tuple[int, ...] | None:
+    """``input_shape`` as a tuple of Python ints if every entry is a positive integer (NumPy and
+    0-d integer tensors included, as ``tuple(array.shape)`` or ``tuple(np.array(...))`` give), else None."""
+    out = []
+    for s in input_shape:
+        if isinstance(s, torch.Tensor) and s.dim() == 0 and not s.is_floating_point() and s.dtype != torch.bool:
+            s = s.item()
+        if isinstance(s, bool) or not isinstance(s, numbers.Integral) or s < 1:
+            return None
+        out.append(int(s))
+    return tuple(out)
+
+
 def image_shape(model: str, input_shape: tuple[int, ...]) -> tuple[int, int, int]:
-    """Validate a (C, H, W) sample shape."""
+    """Validate a (C, H, W) sample shape; returns it as Python ints."""
     shape = tuple(input_shape)
-    if len(shape) != 3 or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in shape):
+    ints = int_shape(shape)
+    if len(shape) != 3 or ints is None:
         raise ValueError(f"model '{model}' expects input_shape (C, H, W) with positive integers, "
                          f"got {shape}")
-    return shape  # type: ignore[return-value]
+    return ints  # type: ignore[return-value]
 
 
 def conv_out(n: int, kernel: int, stride: int = 1, padding: int = 0) -> int:

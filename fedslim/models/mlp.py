@@ -16,6 +16,7 @@ from fedslim.models.layers import (
     Scaler,
     check_common_args,
     init_weights,
+    int_shape,
     make_norm,
     parse_options,
     scaled,
@@ -60,8 +61,8 @@ def mlp(*, num_classes: int, input_shape: tuple[int, ...], width: float = 1.0, *
     """
     check_common_args("mlp", num_classes, width)
     opts = parse_options("mlp", options, {**COMMON_OPTIONS, "norm": "none"})
-    shape = tuple(input_shape)
-    if not shape or not all(isinstance(s, int) and s >= 1 for s in shape):
-        raise ValueError(f"model 'mlp' expects input_shape of positive integers, got {shape}")
+    shape = int_shape(input_shape)
+    if not shape:
+        raise ValueError(f"model 'mlp' expects input_shape of positive integers, got {tuple(input_shape)}")
     model = MLP(math.prod(shape), tuple(scaled(h, width) for h in HIDDEN), num_classes, **opts)
     return init_weights(model)
