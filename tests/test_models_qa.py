@@ -53,3 +53,19 @@ def test_non_integer_input_shape_is_still_refused(shape):
     for name in ("lenet5", "mlp"):
         with pytest.raises(ValueError, match="input_shape"):
             build_model(name, num_classes=10, input_shape=shape)
+
+
+@pytest.mark.parametrize(("option", "value"), [("norm", {"a": 1}), ("blocks", {"a": 1})])
+def test_profile_spec_names_the_option_for_a_mapping_value(option, value):
+    # The cache key used to fail first with "TypeError: unhashable type: 'dict'".
+    with pytest.raises(ValueError, match=rf"model\.options\.{option}: must be one of"):
+        profile_spec("preresnet18", 10, CIFAR, **{option: value})
+
+
+@pytest.mark.parametrize("width", [True, "0.5"])
+def test_profile_spec_refuses_widths_build_model_refuses(width):
+    # float() used to turn True into 1.0 and "0.5" into 0.5, profiling a model build_model refuses.
+    with pytest.raises(ValueError, match=r"model\.width: must be a finite number > 0"):
+        profile_spec("mlp", 10, MNIST, width)
+    with pytest.raises(ValueError, match=r"model\.width"):
+        build_model("mlp", num_classes=10, input_shape=MNIST, width=width)

@@ -83,6 +83,18 @@ def profile_spec(name: str, num_classes: int, input_shape: tuple[int, ...], widt
     4 bytes for every floating-point element of the state dict (parameters and BN running
     statistics), i.e. the size of the model as dense float32 tensors.
     """
+    from fedslim.models.layers import check_common_args
+
+    # Checked before the conversions below, which would turn width True into 1.0 and "0.5" into 0.5.
+    check_common_args(name, num_classes, width)
     key = tuple(sorted((k, _hashable(v)) for k, v in options.items()))
-    params, macs, nbytes = _profile(name, int(num_classes), tuple(input_shape), float(width), key)
+    args = (name, int(num_classes), tuple(input_shape), float(width))
+    try:
+        hash(key)
+    except TypeError:
+        # An option value the cache cannot key (a mapping): build uncached, so the model's own
+        # check names the option instead of the cache failing with "unhashable type".
+        params, macs, nbytes = _profile.__wrapped__(*args, tuple(options.items()))
+    else:
+        params, macs, nbytes = _profile(*args, key)
     return {"params": params, "macs": macs, "bytes_float32": nbytes}
