@@ -64,21 +64,27 @@ def report(runs: list[str], out_dir: str | None = None) -> str:
     header = (f"{'run':<{wn}} {'algo':<{wa}} {'model':<{wm}} {'rnd':>4} {'acc':>7} {'best':>7} {'f1_w':>7} "
               f"{'up':>10} {'up x':>6} {'down':>10} {'sim s':>8}")
     lines = [header, "-" * len(header)]
+    shared_row = False
     for _p, s, rows, names in named:
         last = rows[-1]
         evals = list(last.get("eval", {}).items())
         rnd = f"{last['round']}*" if s.get("unfinished") else str(last["round"])
-        for name, (label, m) in zip(names, evals, strict=False):
+        run_cols = (f" {_fmt_bytes(last['cum_bytes_up']):>10} {_up_ratio(s):>6} "
+                    f"{_fmt_bytes(last['cum_bytes_down']):>10} {last.get('sim_time_s', 0):8.1f}")
+        for i, (name, (label, m)) in enumerate(zip(names, evals, strict=False)):
             best = max(r["eval"][label]["acc"] for r in rows if label in r.get("eval", {}))
+            # Traffic and time belong to the whole run, not to one of its evaluated models (levels,
+            # tiers): printed once, on the run's first row, so no level looks as if it moved them.
             lines.append(f"{name:<{wn}} {s.get('algorithm', '?'):<{wa}} {str(s.get('model', '?')):<{wm}} "
                          f"{rnd:>4} {m['acc'] * 100:7.2f} {best * 100:7.2f} "
-                         f"{m.get('f1_weighted', float('nan')) * 100:7.2f} {_fmt_bytes(last['cum_bytes_up']):>10} "
-                         f"{_up_ratio(s):>6} {_fmt_bytes(last['cum_bytes_down']):>10} "
-                         f"{last.get('sim_time_s', 0):8.1f}")
+                         f"{m.get('f1_weighted', float('nan')) * 100:7.2f}{run_cols if i == 0 else ''}")
+            shared_row = shared_row or i > 0
         for name, m in zip(names[len(evals):], (last.get("local") or {}).values(), strict=True):
             # A local entry with no samples (every client's local test split empty) is {"n": 0}, no acc.
             acc = f"{m['acc'] * 100:7.2f}" if "acc" in m else f"{'-':>7}  (no local test samples)"
             lines.append(f"{name:<{wn}} {'':<{wa}} {'':<{wm}} {last['round']:>4} {acc}")
+    if shared_row:
+        lines.append("(up, up x, down and sim s are the whole run's, on its first row)")
     deployed = [(p, s["deployment"]) for p, s, _ in loaded if isinstance(s.get("deployment"), dict)]
     if deployed:
         # Every method's 'down' counts the training rounds only; a model handed out once after training

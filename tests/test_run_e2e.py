@@ -202,6 +202,7 @@ def test_report_marks_an_unfinished_run_and_names_it_from_its_config(tmp_path: P
     (cut / "summary.json").unlink()  # what a run stopped before its last round lacks
     rows = (cut / "metrics.jsonl").read_text().splitlines()
     (cut / "metrics.jsonl").write_text("\n".join(rows[:1]) + "\n")
+    capsys.readouterr()  # the runs' own output ('done: ...'), not the report's
     assert main(["report", str(cut.parent / "done"), str(cut), "--out", str(tmp_path / "rep")]) == 0
     out = capsys.readouterr().out
     line = next(ln for ln in out.splitlines() if ln.startswith("cut "))
@@ -238,3 +239,21 @@ def test_report_keeps_long_names_whole(tmp_path: Path) -> None:
     assert f"{run.name} local/all" in lines[4] and "75.00" in lines[4]
     assert rows[f"{run.name}[e]"].split()[1:3] == ["fed_dropout", "heterofl_cnn"]
     assert "25.00" in rows[f"{run.name}[e]"] and "50.00" in rows[f"{run.name}[a]"]
+
+
+def test_report_prints_a_runs_traffic_once_not_on_every_level_row(tmp_path: Path) -> None:
+    from fedslim.report import report
+
+    run = tmp_path / "hfl"
+    run.mkdir()
+    m = {"acc": 0.5, "f1_weighted": 0.4}
+    row = {"round": 2, "eval": {"a": m, "e": dict(m, acc=0.25)}, "cum_bytes_up": 3_000_000,
+           "cum_bytes_down": 4_000_000, "sim_time_s": 12.5}
+    (run / "metrics.jsonl").write_text(json.dumps(row) + "\n")
+    (run / "summary.json").write_text(json.dumps({"algorithm": "heterofl", "model": "heterofl_cnn"}))
+    lines = report([str(run)], str(tmp_path / "rep")).splitlines()
+    first, second = lines[2], lines[3]
+    assert first.startswith("hfl[a]") and second.startswith("hfl[e]")
+    assert "3.0 MB" in first and "4.0 MB" in first and first.rstrip().endswith("12.5")
+    assert "MB" not in second and second.rstrip().endswith("40.00")  # ends at f1_w: no run columns
+    assert "(up, up x, down and sim s are the whole run's, on its first row)" in lines
