@@ -163,7 +163,7 @@ def train_model(model: nn.Module, task: ClientTask, data: TensorData) -> tuple[i
             xb, yb = data.x[idx], data.y[idx]
             if draws:
                 xb = augment_with(xb, tr.augment, *draws)
-            out = masked_logits(model(xb), label_mask)
+            out = masked_logits(_forward(model, xb, task, n), label_mask)
             loss = F.cross_entropy(out, yb)
             zero_grad()
             loss.backward()
@@ -183,6 +183,24 @@ def train_model(model: nn.Module, task: ClientTask, data: TensorData) -> tuple[i
         if done:
             break
     return steps, float(loss_sum) / max(seen, 1), seen
+
+
+def _forward(model: nn.Module, xb: torch.Tensor, task: ClientTask, n: int) -> torch.Tensor:
+    if len(xb) != 1:
+        return model(xb)
+    try:
+        return model(xb)
+    except ValueError as e:
+        # torch's BatchNorm cannot take batch statistics of one value per channel (a batch of one sample
+        # reaching a BatchNorm1d, or a BatchNorm2d on 1x1 maps). Said with what the user can change.
+        if "Expected more than 1 value per channel" not in str(e):
+            raise
+        why = (f"the client holds {n} training sample" if n == 1 else
+               f"train.batch_size is {task.train.batch_size if task.train else 1}")
+        raise ValueError(f"client {task.client} (round {task.round}): a batch of one sample cannot train "
+                         f"{task.spec.name}, whose BatchNorm then sees one value per channel ({why}); give every "
+                         f"client two or more samples (data.partition.min_size) and use train.batch_size of 2 or "
+                         f"more, or a model without BatchNorm") from None
 
 
 @CLIENT_PROCEDURES.register("train", "local training; returns the weight delta")

@@ -376,8 +376,12 @@ class VectorizedBackend:
                 alone.append(i)
                 continue
             split = t.extras.get("split", "train")
-            if set(t.state) != plan.keys or len(self.store.get(t.client, split)) == 0:
-                alone.append(i)  # the serial procedure handles (and reports) these cases
+            n = len(self.store.get(t.client, split))
+            if set(t.state) != plan.keys or n == 0 or ((n == 1 or t.train.batch_size == 1) and self._has_bn(t.spec)):
+                # The serial procedure handles (and reports) these cases: a one-sample batch trains a
+                # BatchNorm model there only where torch can take its statistics, and is refused where
+                # not; masked statistics here would train it either way.
+                alone.append(i)
                 continue
             key = (t.spec, t.train, split, None if t.param_masks is None else tuple(sorted(t.param_masks)))
             for gk, members in groups:
@@ -406,6 +410,9 @@ class VectorizedBackend:
         self.counts["serial"] += len(alone)
         assert all(r is not None for r in out)
         return out  # type: ignore[return-value]
+
+    def _has_bn(self, spec: ModelSpec) -> bool:
+        return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.serial.buffers.get(spec).modules())
 
     def _fits(self, task: ClientTask, want: int) -> int:
         """How many of ``want`` clients like ``task`` to train at once in the memory the device has
