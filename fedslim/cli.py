@@ -139,6 +139,13 @@ def _dispatch(args: argparse.Namespace) -> int:
     except (RunError, UnknownNameError, ReportError) as e:
         print(f"fedslim: {e}", file=sys.stderr)
         return 2
+    except ImportError as e:
+        from fedslim.engine.ray_backend import MissingExtraError
+
+        if not isinstance(e, MissingExtraError):
+            raise
+        print(f"fedslim: {e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("fedslim: interrupted; a run continues from its last checkpoint with --resume (one stopped "
               "before its first checkpoint starts over when run again)", file=sys.stderr)

@@ -171,3 +171,15 @@ def test_a_one_sample_batch_on_batchnorm_is_refused_alike_by_every_backend(tmp_p
     assert main(["run", str(_write(tmp_path, tiny_cfg)), "-q"]) == 1
     err = capsys.readouterr().err.strip()
     assert "(round 1): a batch of one sample cannot train mlp" in err and "train.batch_size is 1" in err, err
+
+
+def test_ray_not_installed_is_one_line_with_the_install_command(tmp_path: Path, tiny_cfg: dict, capsys,
+                                                                 monkeypatch) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError, as without the extra
+    tiny_cfg["engine"]["backend"] = "ray"
+    assert main(["run", str(_write(tmp_path, tiny_cfg)), "-q"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "fedslim: engine.backend 'ray' needs Ray: pip install 'fedslim[ray]' (or pip install 'ray>=2.9')"
+    assert not (Path(tiny_cfg["output_dir"]) / "tiny").exists()

@@ -51,11 +51,16 @@ IN_FLIGHT_PER_WORKER = 1
 FAIL_ONCE_EXTRA = "ray_exit_once_marker"
 
 
+class MissingExtraError(ImportError):
+    """An optional dependency a chosen setting needs is not installed; the message says how to install
+    it (the command line prints it as one line, not a traceback)."""
+
+
 def import_ray() -> Any:
     try:
         import ray
-    except ImportError as e:  # pragma: no cover - exercised with ray hidden
-        raise ImportError(INSTALL_HINT) from e
+    except ImportError as e:
+        raise MissingExtraError(INSTALL_HINT) from e
     return ray
 
 
