@@ -69,3 +69,17 @@ def test_profile_spec_refuses_widths_build_model_refuses(width):
         profile_spec("mlp", 10, MNIST, width)
     with pytest.raises(ValueError, match=r"model\.width"):
         build_model("mlp", num_classes=10, input_shape=MNIST, width=width)
+
+
+def test_mobilenetv2_hidden_channels_accepts_numpy_integers():
+    # e.g. a DAC search's channel counts as a NumPy array: was refused as "must be 16 positive integers".
+    import numpy as np
+
+    from fedslim.models.mobilenet import NUM_EXPANDING
+
+    hidden = np.full(NUM_EXPANDING, 8)
+    model = build_model("mobilenetv2", num_classes=10, input_shape=CIFAR, hidden_channels=list(hidden))
+    ref = build_model("mobilenetv2", num_classes=10, input_shape=CIFAR, hidden_channels=[8] * NUM_EXPANDING)
+    assert {k: v.shape for k, v in model.state_dict().items()} == {k: v.shape for k, v in ref.state_dict().items()}
+    with pytest.raises(ValueError, match=r"model\.options\.hidden_channels: must be 16 positive integers"):
+        build_model("mobilenetv2", num_classes=10, input_shape=CIFAR, hidden_channels=[8.0] * NUM_EXPANDING)

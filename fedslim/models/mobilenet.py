@@ -12,6 +12,7 @@ channel count of every expanding block directly.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from typing import Any
 
@@ -160,10 +161,10 @@ def mobilenetv2(*, num_classes: int, input_shape: tuple[int, ...], width: float 
     hidden = opts.pop("hidden_channels")
     if hidden is not None:
         ok = (isinstance(hidden, Sequence) and not isinstance(hidden, str) and len(hidden) == NUM_EXPANDING
-              and all(isinstance(h, int) and not isinstance(h, bool) and h >= 1 for h in hidden))
+              and all(isinstance(h, numbers.Integral) and not isinstance(h, bool) and h >= 1 for h in hidden))
         if not ok:
             raise ValueError(f"model.options.hidden_channels: must be {NUM_EXPANDING} positive integers "
                              f"for model 'mobilenetv2', got {hidden!r}")
-        hidden = tuple(hidden)
+        hidden = tuple(int(h) for h in hidden)
     shape = image_shape("mobilenetv2", input_shape)
     return init_weights(MobileNetV2(shape[0], width, num_classes, hidden, **opts))
