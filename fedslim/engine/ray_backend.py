@@ -222,7 +222,7 @@ class RayBackend:
         ray = self.ray
         if not tasks:
             return []
-        from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+        from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
 
         dead_errors = (RayActorError, ActorDiedError, ActorUnavailableError)
         # One object per distinct start state: FedAvg's 25 tasks share one, HeteroFL's one per width.
@@ -271,6 +271,13 @@ class RayBackend:
                     self._replace(slot)
                 submit(slot)
                 continue
+            except RayTaskError as e:
+                # The client procedure raised: re-raise what it raised, as serial and process do, not
+                # Ray's wrapper (an actor header with colour codes and a remote traceback in the message).
+                cause = getattr(e, "cause", None)
+                if isinstance(cause, Exception) and not isinstance(cause, RayTaskError):
+                    raise cause from None
+                raise
             t = tasks[k]
             if key != k or (res.round, res.client) != (t.round, t.client):
                 raise RuntimeError(f"ray backend: result for (round {res.round}, client {res.client}) came back "
