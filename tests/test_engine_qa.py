@@ -187,3 +187,40 @@ def test_ray_not_installed_is_one_line_with_the_install_command(tmp_path: Path, 
     err = capsys.readouterr().err.strip()
     assert err == "fedslim: engine.backend 'ray' needs Ray: pip install 'fedslim[ray]' (or pip install 'ray>=2.9')"
     assert not (Path(tiny_cfg["output_dir"]) / "tiny").exists()
+
+
+def test_checkpoints_between_evaluated_rounds_resume_to_the_same_metrics(tmp_path: Path, tiny_cfg: dict) -> None:
+    # eval.every 3 with checkpoint_every 1 (the default) checkpointed only at evaluated rounds: a run
+    # killed in round 5 had to go back to round 3, and in round 2 had nothing to resume at all.
+    import torch
+
+    tiny_cfg["federation"]["rounds"] = 5
+    tiny_cfg["eval"] = {"every": 3}
+    tiny_cfg["codec"] = {"up": [{"name": "topk", "ratio": 0.2}], "down": [{"name": "int8"}]}
+    assert main(["run", str(_write(tmp_path, dict(tiny_cfg, name="full"))), "-q"]) == 0
+    part = dict(tiny_cfg, name="part")
+    p = _write(tmp_path, part)
+    run = Path(tiny_cfg["output_dir"]) / "part"
+
+    class Killed(Exception):
+        pass
+
+    from fedslim.config import validate
+    from fedslim.engine.run import Runner
+
+    runner = Runner(validate(part))
+    original = runner._sim_time  # noqa: SLF001
+
+    def sim_time(rnd: int, *a: object) -> float:
+        if rnd == 3:  # inside round 3, before its row: rounds 1-2 done, none of them evaluated
+            raise Killed
+        return original(rnd, *a)
+
+    runner._sim_time = sim_time  # type: ignore[method-assign]
+    with pytest.raises(Killed):
+        runner.run()
+    assert torch.load(run / "checkpoint.pt", weights_only=False)["round"] == 2
+    assert not (run / "metrics.jsonl").exists()
+    assert main(["run", str(p), "-q", "--resume"]) == 0
+    full = Path(tiny_cfg["output_dir"]) / "full"
+    assert (run / "metrics.jsonl").read_bytes() == (full / "metrics.jsonl").read_bytes()

@@ -355,6 +355,8 @@ class Runner:
                            f"another output_dir") from None
         start_round, rows, cum = 1, [], {"up": 0, "down": 0, "sim_time_s": 0.0}
         timings: list[dict[str, Any]] = []
+        # Rounds since the last metrics row: their bytes and simulated time go into the next row.
+        pending_comm: list[dict[str, Any]] = []
         if self.resume:
             ck = load_checkpoint(self.run_dir / CHECKPOINT_FILE)
             if ck.get("version") != CHECKPOINT_VERSION:
@@ -370,6 +372,10 @@ class Runner:
             self.codec_up.load_state_dict(ck["codec_up"])
             self.codec_down.load_state_dict(ck["codec_down"])
             start_round, cum = ck["round"] + 1, ck["cumulative"]
+            # A checkpoint between two evaluated rounds carries what the next row will sum.
+            pending_comm = list(ck.get("pending_comm") or [])
+            if ck.get("codec_tally") is not None:
+                self.tally = ck["codec_tally"]
             rows = [r for r in read_jsonl(self.run_dir / METRICS_FILE) if r.get("round", 0) <= ck["round"]]
             self._check_metrics_cover(rows, ck["round"])
             timings = [r for r in read_jsonl(self.run_dir / TIMINGS_FILE) if r["round"] <= ck["round"]]
@@ -397,7 +403,6 @@ class Runner:
         for note in self.ctx.notes:
             self._say(f"note: {note}")
 
-        pending_comm: list[dict[str, Any]] = []
         notes_before = len(self.ctx.notes)
         bar = self._bar(start_round)
         try:
@@ -444,12 +449,15 @@ class Runner:
                 # The backend too: a run resumed on another one (engine settings may change) says which ran.
                 timings.append({"round": rnd, "backend": resolved, "plan_down_s": t1 - t0, "clients_s": t2 - t1,
                                 "up_aggregate_s": t3 - t2 - sum(phases.values()), "eval_s": t4 - t3, **phases})
-                if (not pending_comm) and (rnd % cfg.engine.checkpoint_every == 0 or last):
+                # Between two evaluated rounds too (eval.every > 1): the rounds not yet in a metrics row
+                # travel in the checkpoint, so that checkpoint_every holds whatever eval.every is.
+                if rnd % cfg.engine.checkpoint_every == 0 or last:
                     write_jsonl(self.run_dir / TIMINGS_FILE, timings)
                     save_checkpoint(self.run_dir / CHECKPOINT_FILE, {
                         "version": CHECKPOINT_VERSION, "round": rnd, "config": _comparable(cfg),
                         "algorithm": self.algo.state_dict(), "codec_up": self.codec_up.state_dict(),
-                        "codec_down": self.codec_down.state_dict(), "cumulative": dict(cum)})
+                        "codec_down": self.codec_down.state_dict(), "cumulative": dict(cum),
+                        "pending_comm": list(pending_comm), "codec_tally": self.tally})
                 if bar is not None:
                     bar.update(1)
             if bar is not None:
