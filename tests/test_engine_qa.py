@@ -224,3 +224,13 @@ def test_checkpoints_between_evaluated_rounds_resume_to_the_same_metrics(tmp_pat
     assert main(["run", str(p), "-q", "--resume"]) == 0
     full = Path(tiny_cfg["output_dir"]) / "full"
     assert (run / "metrics.jsonl").read_bytes() == (full / "metrics.jsonl").read_bytes()
+
+
+def test_temporaries_of_a_killed_write_are_removed_on_resume(tmp_path: Path, tiny_cfg: dict, kill_run) -> None:
+    p, run = _killed_run(tmp_path, tiny_cfg, kill_run)
+    stale = run / ".checkpoint.pt.k3j_x9.tmp"  # what atomic_write_bytes leaves when killed mid-write
+    stale.write_bytes(b"x" * 1000)
+    mine = run / "notes.tmp"  # not ours: kept
+    mine.write_text("user file")
+    assert main(["run", str(p), "-q", "--resume"]) == 0
+    assert not stale.exists() and mine.exists()

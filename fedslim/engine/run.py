@@ -255,6 +255,14 @@ class Runner:
         atomic_write_text(self.run_dir / "partition.txt", format_label_report(counts, b.class_names))
         plot_label_counts(counts, self.run_dir / "partition.png")
 
+    def _remove_stale_temporaries(self) -> None:
+        """A run killed while writing a file atomically leaves its temporary copy (``.checkpoint.pt.XXXX.tmp``:
+        as large as the checkpoint); the run that takes the folder over removes them."""
+        ours = (CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, CHECKPOINT_FILE, TIMINGS_FILE, *START_FILES)
+        for f in self.run_dir.iterdir():
+            if f.name.endswith(".tmp") and any(f.name.startswith(f".{n}.") for n in ours) and f.is_file():
+                f.unlink(missing_ok=True)
+
     def _check_metrics_cover(self, rows: list[dict[str, Any]], ck_round: int) -> None:
         """A resumed run carries on from the rows it already wrote: each round the checkpoint has passed
         that was evaluated must be there, or the resumed metrics.jsonl and summary.json would go without
@@ -353,6 +361,7 @@ class Runner:
             self.backend.close()
             raise RunError(f"output_dir: cannot create the run folder {self.run_dir} ({e.strerror or e}); choose "
                            f"another output_dir") from None
+        self._remove_stale_temporaries()
         start_round, rows, cum = 1, [], {"up": 0, "down": 0, "sim_time_s": 0.0}
         timings: list[dict[str, Any]] = []
         # Rounds since the last metrics row: their bytes and simulated time go into the next row.
