@@ -234,3 +234,11 @@ def test_temporaries_of_a_killed_write_are_removed_on_resume(tmp_path: Path, tin
     mine.write_text("user file")
     assert main(["run", str(p), "-q", "--resume"]) == 0
     assert not stale.exists() and mine.exists()
+
+
+def test_max_group_that_auto_ignores_on_a_cpu_is_said(tmp_path: Path, tiny_cfg: dict, capsys) -> None:
+    tiny_cfg["engine"].update(backend="auto", max_group=4, device="cpu")
+    tiny_cfg["federation"]["rounds"] = 1
+    assert main(["run", str(_write(tmp_path, tiny_cfg)), "-q"]) == 0
+    err = capsys.readouterr().err
+    assert "engine.max_group=4 is used by the vectorized backend only, and engine.backend auto picked" in err, err

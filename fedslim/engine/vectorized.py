@@ -603,6 +603,13 @@ def auto_backend(store: ClientStore, device: str = "cpu", cfg: Any = None, **kw:
     # models whose cohorts split into small groups of wide sub-models (HeteroFL); see bench/README.md.
     # More threads per client were asked for explicitly: only the serial backend can honour that.
     threads = getattr(getattr(cfg, "engine", None), "threads", None) or 1
-    if process_backend.usable_cpus() >= 2 and fork_available() and threads == 1:
+    use_process = process_backend.usable_cpus() >= 2 and fork_available() and threads == 1
+    max_group = getattr(getattr(cfg, "engine", None), "max_group", None)
+    if max_group is not None:
+        # Allowed with auto because auto picks vectorized on CUDA; here it would do nothing, unsaid.
+        warnings.warn(f"engine.max_group={max_group} is used by the vectorized backend only, and engine.backend "
+                      f"auto picked {'process' if use_process else 'serial'} on this CPU; set engine.backend: "
+                      f"vectorized to use it, or leave it unset", stacklevel=2)
+    if use_process:
         return ProcessBackend(store, device=device, cfg=cfg, **kw)
     return SerialBackend(store, device=device, cfg=cfg, **kw)
