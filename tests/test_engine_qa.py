@@ -146,9 +146,21 @@ def test_a_torch_file_that_is_not_a_checkpoint_is_one_line(tmp_path: Path, tiny_
     assert main(["run", str(p), "-q"]) == 0
     torch.save([1, 2], Path(tiny_cfg["output_dir"]) / "tiny" / "checkpoint.pt")
     capsys.readouterr()
-    assert main(["run", str(p), "-q", "--resume"]) == 1
+    assert main(["run", str(p), "-q", "--resume"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.endswith("checkpoint.pt: not a fedslim checkpoint (it holds a list, not a run's state)"), err
+    assert "checkpoint.pt: not a fedslim checkpoint (it holds a list, not a run's state); the run cannot " in err, err
+
+
+def test_a_truncated_checkpoint_is_refused_with_what_to_do(tmp_path: Path, tiny_cfg: dict, capsys) -> None:
+    p = _write(tmp_path, tiny_cfg)
+    assert main(["run", str(p), "-q"]) == 0
+    ck = Path(tiny_cfg["output_dir"]) / "tiny" / "checkpoint.pt"
+    ck.write_bytes(ck.read_bytes()[:500])
+    capsys.readouterr()
+    assert main(["run", str(p), "-q", "--resume"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("fedslim: --resume: ") and "not a readable fedslim checkpoint" in err, err
+    assert err.endswith("the run cannot continue from it (restore the file, or start over under another name)")
 
 
 def test_an_output_dir_that_cannot_be_made_is_one_line(tmp_path: Path, tiny_cfg: dict, capsys) -> None:

@@ -367,7 +367,12 @@ class Runner:
         # Rounds since the last metrics row: their bytes and simulated time go into the next row.
         pending_comm: list[dict[str, Any]] = []
         if self.resume:
-            ck = load_checkpoint(self.run_dir / CHECKPOINT_FILE)
+            try:
+                ck = load_checkpoint(self.run_dir / CHECKPOINT_FILE)
+            except ValueError as e:
+                self.backend.close()
+                raise RunError(f"--resume: {e}; the run cannot continue from it (restore the file, or start "
+                               f"over under another name)") from None
             if ck.get("version") != CHECKPOINT_VERSION:
                 raise RunError(f"{self.run_dir / CHECKPOINT_FILE}: checkpoint version {ck.get('version')} "
                                f"is not supported (expected {CHECKPOINT_VERSION})")
