@@ -254,3 +254,23 @@ def test_max_group_that_auto_ignores_on_a_cpu_is_said(tmp_path: Path, tiny_cfg: 
     assert main(["run", str(_write(tmp_path, tiny_cfg)), "-q"]) == 0
     err = capsys.readouterr().err
     assert "engine.max_group=4 is used by the vectorized backend only, and engine.backend auto picked" in err, err
+
+
+def test_a_run_folder_in_use_by_another_run_is_refused(tmp_path: Path, tiny_cfg: dict, kill_run, capsys) -> None:
+    # Two runs of one folder (the same config started twice, or --resume while it still runs) both
+    # wrote metrics.jsonl and checkpoint.pt, each rewriting the other's.
+    import fcntl
+    import os
+
+    p, run = _killed_run(tmp_path, tiny_cfg, kill_run)
+    before = {f.name: f.read_bytes() for f in run.iterdir() if not f.name.startswith(".")}
+    fd = os.open(run / ".fedslim.lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # what the running one holds
+    try:
+        assert main(["run", str(p), "-q", "--resume"]) == 2
+        err = capsys.readouterr().err
+        assert "is in use by another fedslim run" in err, err
+        assert {f.name: f.read_bytes() for f in run.iterdir() if not f.name.startswith(".")} == before
+    finally:
+        os.close(fd)
+    assert main(["run", str(p), "-q", "--resume"]) == 0  # once it has ended

@@ -46,6 +46,8 @@ CHECKPOINT_VERSION = 1
 
 # What a run writes before its first round: a folder holding only these has nothing to resume.
 START_FILES = frozenset({CONFIG_FILE, "partition.txt", "partition.png"})
+# Held (flock) by the run writing the folder: a second run, or a --resume, of the same folder is refused.
+LOCK_FILE = ".fedslim.lock"
 
 
 class RunError(RuntimeError):
@@ -144,7 +146,7 @@ class Runner:
         self._profiles: dict[ModelSpec, dict[str, int]] = {}
 
     # ------------------------------------------------------------------ set-up
-    def _check_run_dir(self) -> None:
+    def _check_run_dir(self, quiet: bool = False) -> None:
         for d in (self.run_dir, *self.run_dir.parents):
             if d.exists() and not d.is_dir():
                 raise RunError(f"output_dir: {d} is a file, not a folder; choose another output_dir or name "
@@ -166,9 +168,10 @@ class Runner:
                                + (f" (+{len(diffs) - 1} more)" if len(diffs) > 1 else ""))
         elif self.run_dir.exists() and any(self.run_dir.iterdir()):
             names = {f.name for f in self.run_dir.iterdir()}
-            if all(n in START_FILES or (n.startswith(".") and n.endswith(".tmp")) for n in names):
+            if all(n in START_FILES or n == LOCK_FILE or (n.startswith(".") and n.endswith(".tmp")) for n in names):
                 # Stopped before its first checkpoint: nothing to resume and nothing lost by starting over.
-                self._say(f"starting over in {self.run_dir} (its run stopped before its first checkpoint)")
+                if not quiet:
+                    self._say(f"starting over in {self.run_dir} (its run stopped before its first checkpoint)")
                 return
             if not ckpt.exists():
                 raise RunError(f"{self.run_dir} holds results of a run with no checkpoint to resume from; choose "
@@ -347,6 +350,32 @@ class Runner:
 
     # ------------------------------------------------------------------ main loop
     def run(self) -> dict[str, Any]:
+        self._lock_fd: int | None = None
+        try:
+            return self._run()
+        finally:
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)  # releases the lock
+                self._lock_fd = None
+
+    def _lock(self) -> None:
+        """Hold the run folder for this run, then check it again: another run may have taken it, or
+        moved it on, while this one was setting up."""
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - no flock on this platform: unguarded, as before
+            return
+        fd = os.open(self.run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise RunError(f"{self.run_dir} is in use by another fedslim run (it holds {LOCK_FILE}); wait for it "
+                           f"to end, or choose another name (--set name=...)") from None
+        self._lock_fd = fd
+        self._check_run_dir(quiet=True)
+
+    def _run(self) -> dict[str, Any]:
         cfg = self.cfg
         self._check_run_dir()
         self._build()
@@ -361,6 +390,11 @@ class Runner:
             self.backend.close()
             raise RunError(f"output_dir: cannot create the run folder {self.run_dir} ({e.strerror or e}); choose "
                            f"another output_dir") from None
+        try:
+            self._lock()
+        except BaseException:
+            self.backend.close()
+            raise
         self._remove_stale_temporaries()
         start_round, rows, cum = 1, [], {"up": 0, "down": 0, "sim_time_s": 0.0}
         timings: list[dict[str, Any]] = []
