@@ -19,8 +19,23 @@ def predict(model: nn.Module, data: TensorData, batch_size: int = 1000,
     model.eval()
     dev = next(model.parameters()).device
     outs = []
-    for i in range(0, len(data), batch_size):
-        out = model(data.x[i:i + batch_size].to(dev)).float()
+    starts = list(range(0, len(data), batch_size))
+    # A final batch of one sample breaks a BatchNorm that normalises with batch statistics (static BN,
+    # track_running_stats=False) even in eval mode; fold it into the previous batch, as training does.
+    if len(starts) > 1 and len(data) - starts[-1] == 1:
+        starts.pop()
+    ends = [*starts[1:], len(data)]
+    for i, j in zip(starts, ends, strict=True):
+        try:
+            out = model(data.x[i:j].to(dev)).float()
+        except ValueError as e:
+            if "Expected more than 1 value per channel" not in str(e):
+                raise
+            raise ValueError(f"cannot evaluate {type(model).__name__} on a batch of one sample (of a set of "
+                             f"{len(data)}): it normalises with the batch's own statistics (BatchNorm without "
+                             "running statistics, e.g. model.options.track_running_stats=false), which needs two "
+                             "or more; give every evaluated set two or more samples (data.local_test_fraction, "
+                             "data.test_subset) and eval.batch_size 2 or more") from None
         if label_mask is not None:
             out = out.masked_fill(~label_mask.to(out.device), float("-inf"))
         outs.append(out.cpu())

@@ -128,3 +128,14 @@ def test_epoch_schedule_draws_in_the_order_of_a_step_by_step_update(mode: str) -
             for d, r in zip(draws, rdraws, strict=True):
                 assert d.dtype == r.dtype and torch.equal(d, r)
     assert all(draws == () for _, draws in epoch_schedule(50, tr, gen, image=False))
+
+
+def test_model_spec_with_a_list_option_is_hashable_and_builds() -> None:
+    # YAML gives mobilenetv2's hidden_channels as a list; backends key model buffers by spec.
+    from fedslim.engine.task import ModelSpec
+
+    chans = [8] * 16
+    spec = ModelSpec.make("mobilenetv2", 10, (3, 32, 32), hidden_channels=chans)
+    assert hash(spec) == hash(ModelSpec.make("mobilenetv2", 10, (3, 32, 32), hidden_channels=tuple(chans)))
+    assert spec.with_(width=0.5).options == spec.options
+    assert sum(p.numel() for p in spec.build().parameters()) > 0

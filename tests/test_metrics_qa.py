@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from sklearn.metrics import f1_score, precision_score, recall_score, top_k_accuracy_score
 
@@ -138,3 +139,20 @@ def test_report_local_rows_show_their_accuracy(tmp_path: Path) -> None:
     text = report([str(run)], str(tmp_path / "out"))
     rows = {ln.split()[1]: ln.split()[-1] for ln in text.splitlines() if ln.startswith("r2 local/")}
     assert rows == {"local/all": "25.00", "local/fast": "40.00"}
+
+
+def test_batch_statistic_bn_evaluates_a_trailing_one_sample_batch_with_the_previous_one() -> None:
+    from fedslim.data.types import TensorData
+    from fedslim.metrics import predict
+    from fedslim.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("mlp", num_classes=10, input_shape=(1, 8, 8), norm="bn", track_running_stats=False)
+    data = TensorData(torch.randn(5, 1, 8, 8), torch.zeros(5, dtype=torch.long))
+    out = predict(model, data, batch_size=4)  # batches 4 + 1: the 1 is folded in, so one batch of 5
+    assert out.shape == (5, 10)
+    assert torch.allclose(out, predict(model, data, batch_size=5))
+    lone = TensorData(data.x[:1], data.y[:1])
+    with pytest.raises(ValueError, match=r"cannot evaluate MLP on a batch of one sample \(of a set of 1\)") as e:
+        predict(model, lone)
+    assert "model.options.track_running_stats=false" in str(e.value)

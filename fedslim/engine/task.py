@@ -25,7 +25,12 @@ class ModelSpec:
     @staticmethod
     def make(name: str, num_classes: int, input_shape: tuple[int, ...], width: float = 1.0,
              **options: Any) -> ModelSpec:
-        return ModelSpec(name, num_classes, tuple(input_shape), float(width), tuple(sorted(options.items())))
+        from fedslim.models.profile import freeze_option
+
+        # Hashable (backends key model buffers by spec) even for a list option from YAML, such as
+        # mobilenetv2's hidden_channels.
+        frozen = tuple(sorted((k, freeze_option(v)) for k, v in options.items()))
+        return ModelSpec(name, num_classes, tuple(input_shape), float(width), frozen)
 
     def with_(self, width: float | None = None, **options: Any) -> ModelSpec:
         opts = dict(self.options)

@@ -56,9 +56,11 @@ def _float_state_numel(model: nn.Module) -> int:
     return sum(t.numel() for t in model.state_dict().values() if t.is_floating_point())
 
 
-def _hashable(value: Any) -> Any:
+def freeze_option(value: Any) -> Any:
+    """A model option as a hashable value, for keys and specs: lists (as YAML gives them) become
+    tuples, nested ones too; the models take either."""
     if isinstance(value, list | tuple):
-        return tuple(_hashable(v) for v in value)
+        return tuple(freeze_option(v) for v in value)
     return value
 
 
@@ -87,7 +89,7 @@ def profile_spec(name: str, num_classes: int, input_shape: tuple[int, ...], widt
 
     # Checked before the conversions below, which would turn width True into 1.0 and "0.5" into 0.5.
     check_common_args(name, num_classes, width)
-    key = tuple(sorted((k, _hashable(v)) for k, v in options.items()))
+    key = tuple(sorted((k, freeze_option(v)) for k, v in options.items()))
     args = (name, int(num_classes), tuple(input_shape), float(width))
     try:
         hash(key)
