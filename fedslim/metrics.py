@@ -24,7 +24,7 @@ def predict(model: nn.Module, data: TensorData, batch_size: int = 1000,
     # track_running_stats=False) even in eval mode; fold it into the previous batch, as training does.
     if len(starts) > 1 and len(data) - starts[-1] == 1:
         starts.pop()
-    ends = [*starts[1:], len(data)]
+    ends = [*starts[1:], len(data)] if starts else []
     for i, j in zip(starts, ends, strict=True):
         try:
             out = model(data.x[i:j].to(dev)).float()

@@ -152,6 +152,7 @@ def test_batch_statistic_bn_evaluates_a_trailing_one_sample_batch_with_the_previ
     out = predict(model, data, batch_size=4)  # batches 4 + 1: the 1 is folded in, so one batch of 5
     assert out.shape == (5, 10)
     assert torch.allclose(out, predict(model, data, batch_size=5))
+    assert predict(model, TensorData(data.x[:0], data.y[:0])).numel() == 0  # an empty local split
     lone = TensorData(data.x[:1], data.y[:1])
     with pytest.raises(ValueError, match=r"cannot evaluate MLP on a batch of one sample \(of a set of 1\)") as e:
         predict(model, lone)
