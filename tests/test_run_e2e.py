@@ -257,3 +257,21 @@ def test_report_prints_a_runs_traffic_once_not_on_every_level_row(tmp_path: Path
     assert "3.0 MB" in first and "4.0 MB" in first and first.rstrip().endswith("12.5")
     assert "MB" not in second and second.rstrip().endswith("40.00")  # ends at f1_w: no run columns
     assert "(up, up x, down and sim s are the whole run's, on its first row)" in lines
+
+
+def test_printed_table_names_the_topk_measured_and_survives_empty_local_splits(tiny_cfg: dict, capsys) -> None:
+    # 4 classes: top-k is capped at top4, so a 'top5' header would misname it. One round: "1 round".
+    # One sample per client: every local test split is empty ({"n": 0}, no accuracy): it printed a
+    # KeyError traceback after every result had been written.
+    tiny_cfg["federation"] = {"rounds": 1, "participation": 1.0}
+    tiny_cfg["data"].update(num_clients=4, train_subset=4, local_test_fraction=0.5,
+                            partition={"kind": "iid", "min_size": 0})
+    tiny_cfg["eval"] = {"local": True}
+    tiny_cfg["train"]["batch_size"] = 1
+    tiny_cfg["model"]["options"] = {"norm": "none"}
+    Runner(validate(tiny_cfg)).run()
+    out = capsys.readouterr().out
+    assert ", 1 round, 4 clients ->" in out
+    header = next(ln for ln in out.splitlines() if ln.startswith("model "))
+    assert header.split()[:3] == ["model", "acc", "top4"]
+    assert "local/all        -  (clients' own test splits, n=0)" in out

@@ -256,7 +256,7 @@ class Runner:
         b = self.ctx.bundle
         counts = label_counts(b.train.y.numpy(), self.parts, b.num_classes)
         atomic_write_text(self.run_dir / "partition.txt", format_label_report(counts, b.class_names))
-        plot_label_counts(counts, self.run_dir / "partition.png")
+        plot_label_counts(counts, self.run_dir / "partition.png", b.class_names)
 
     def _remove_stale_temporaries(self) -> None:
         """A run killed while writing a file atomically leaves its temporary copy (``.checkpoint.pt.XXXX.tmp``:
@@ -573,20 +573,25 @@ class Runner:
                         else next(iter(accs.values()), "-"), up=_human(row["cum_bytes_up"]))
 
     def _print_table(self, s: dict[str, Any]) -> None:
-        lines = [f"\n{s['name']}: {s['algorithm']} / {s['model']} / {s['dataset']}, {s['rounds']} rounds, "
+        rounds = f"{s['rounds']} round{'s' if s['rounds'] != 1 else ''}"
+        lines = [f"\n{s['name']}: {s['algorithm']} / {s['model']} / {s['dataset']}, {rounds}, "
                  f"{s['clients']} clients -> {self.run_dir}"]
-        header = (f"{'model':<10} {'acc':>7} {'top5':>7} {'f1_macro':>8} {'f1_w':>7} {'loss':>7} "
+        # top-k is capped at the class count (top3 on 3 classes): the header names the k measured.
+        top_key = next((k for m in s["final"].values() for k in m if k.startswith("top")), "top5")
+        header = (f"{'model':<10} {'acc':>7} {top_key:>7} {'f1_macro':>8} {'f1_w':>7} {'loss':>7} "
                   f"{'params':>10} {'MACs':>10}")
         lines += [header, "-" * len(header)]
         for label, m in s["final"].items():
             prof = s["models"].get(label, {})
-            top = next((v for k, v in m.items() if k.startswith("top")), float("nan"))
+            top = m.get(top_key, float("nan"))
             lines.append(f"{label:<10} {m['acc'] * 100:7.2f} {top * 100:7.2f} {m['f1_macro'] * 100:8.2f} "
                          f"{m['f1_weighted'] * 100:7.2f} {m['loss']:7.4f} {prof.get('params', 0):>10,} "
                          f"{prof.get('macs', 0):>10,}")
         if s.get("local"):
             for tier, m in s["local"].items():
-                lines.append(f"local/{tier:<4} {m['acc'] * 100:7.2f}  (clients' own test splits, n={m['n']})")
+                # Every client's local split can be empty (one-sample clients): {"n": 0}, no accuracy.
+                acc = f"{m['acc'] * 100:7.2f}" if "acc" in m else f"{'-':>7}"
+                lines.append(f"local/{tier:<4} {acc}  (clients' own test splits, n={m.get('n', 0)})")
         lines.append(f"bytes up {_human(s['bytes_up'])}, down {_human(s['bytes_down'])}, "
                      f"simulated time {s['sim_time_s']:.1f} s")
         for side in ("up", "down"):
