@@ -75,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     r.set_defaults(func=_cmd_run)
 
-    c = sub.add_parser("config", help="print the resolved, validated config")
+    c = sub.add_parser("config", help="print the resolved config, its fields validated (whether the model "
+                       "and its options suit the dataset is checked when a run starts)")
     c.add_argument("config", nargs="?")
     c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     c.set_defaults(func=_cmd_config)
@@ -146,6 +147,16 @@ def _dispatch(args: argparse.Namespace) -> int:
             raise
         print(f"fedslim: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        from fedslim.data.cli import reader_gone
+
+        # `fedslim run ... | head`: the reader left, so the run stops at its next line, as a writer to a
+        # closed pipe does; say so on stderr, which is still open, since a run has more to lose than a listing.
+        if args.command == "run":
+            print("fedslim: stdout was closed (broken pipe), so the run stopped printing and exited; what it "
+                  "wrote is kept in its folder, and if it stopped before its last round, fedslim run --resume "
+                  "continues it from its last checkpoint", file=sys.stderr)
+        return reader_gone()
     except KeyboardInterrupt:
         print("fedslim: interrupted; a run continues from its last checkpoint with --resume (one stopped "
               "before its first checkpoint starts over when run again)", file=sys.stderr)

@@ -275,3 +275,21 @@ def test_printed_table_names_the_topk_measured_and_survives_empty_local_splits(t
     header = next(ln for ln in out.splitlines() if ln.startswith("model "))
     assert header.split()[:3] == ["model", "acc", "top4"]
     assert "local/all        -  (clients' own test splits, n=0)" in out
+
+
+def test_run_whose_reader_closes_stdout_exits_141_and_says_so_on_stderr(tmp_path: Path) -> None:
+    # `fedslim run | head -1`: before, a BrokenPipeError traceback (exit 1) at the run's next print.
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "fedslim", "run", "-q", "--rounds", "1", "--set",
+                             "train.max_steps=1", "--set", "engine.backend=serial", "--output-dir", str(tmp_path),
+                             "--name", "piped"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    first = proc.stdout.readline()
+    proc.stdout.close()  # the reader leaves before the results table
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=300) == 141
+    assert first.startswith(b"backend serial")
+    assert "Traceback" not in err and "stdout was closed (broken pipe)" in err
+    assert (tmp_path / "piped" / "summary.json").is_file()  # what the run wrote is kept

@@ -22,16 +22,21 @@ from fedslim.registry import DATASETS, UnknownNameError
 Handler = Callable[[argparse.Namespace], int]
 
 
+def reader_gone() -> int:
+    """After a BrokenPipeError on stdout: point stdout at /dev/null, so the interpreter's final flush
+    does not fail again, and return the shell's exit status for a pipe closed under a writer (141)."""
+    with contextlib.suppress(OSError, ValueError):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 141
+
+
 def _guard(fn: Handler) -> Handler:
     def run(args: argparse.Namespace) -> int:
         try:
             return fn(args)
         except BrokenPipeError:
-            # The reader went away (`fedslim data info mnist | head`): stop quietly as other tools do, and
-            # point stdout at /dev/null so the interpreter's final flush does not fail again.
-            with contextlib.suppress(OSError, ValueError):
-                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-            return 141
+            # The reader went away (`fedslim data info mnist | head`): stop quietly as other tools do.
+            return reader_gone()
         except (DataError, ValueError, UnknownNameError, OSError) as e:
             print(f"fedslim: {e}", file=sys.stderr)
             return 1
