@@ -184,7 +184,8 @@ class EngineConfig(Strict):
     max_group: int | None = Field(None, ge=1, description=(
         "vectorized: at most this many clients trained as one batched step; default: as many as an estimate "
         "says fit in 80% of the device's free memory (a group that still runs out of it is retried in halves)"))
-    checkpoint_every: int = Field(1, ge=1)
+    checkpoint_every: int = Field(1, ge=1, description="write checkpoint.pt every N rounds (and at the last); "
+                                  "fedslim run --resume continues from it")
     progress: bool = True
 
     @field_validator("backend", mode="before")
