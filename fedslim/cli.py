@@ -51,9 +51,10 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_config(args: argparse.Namespace) -> int:
-    from fedslim.config import dump_config, load_config
+    from fedslim.config import dump_config, load_config, params_defaults_comment
 
-    print(dump_config(load_config(args.config, args.set)), end="")
+    cfg = load_config(args.config, args.set)
+    print(dump_config(cfg) + params_defaults_comment(cfg), end="")
     return 0
 
 
@@ -76,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(func=_cmd_run)
 
     c = sub.add_parser("config", help="print the resolved config, its fields validated (whether the model "
-                       "and its options suit the dataset is checked when a run starts)")
+                       "and its options suit the dataset is checked when a run starts), and as comments the "
+                       "algorithm.params it leaves unset, with their defaults")
     c.add_argument("config", nargs="?")
     c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     c.set_defaults(func=_cmd_config)

@@ -6,6 +6,7 @@ unknown key, the closest valid name. The CLI prints it and exits 2.
 
 from __future__ import annotations
 
+import copy
 import difflib
 from pathlib import Path
 from typing import Any, Literal
@@ -396,11 +397,67 @@ def _validate_plugins(cfg: RunConfig) -> None:
         raise ConfigError(str(e)) from None
 
 
+def _algorithm_params_model(raw: dict[str, Any]) -> type[BaseModel] | None:
+    """The Params model of the algorithm ``raw`` names, or None when the name is not (yet) valid."""
+    from fedslim import plugins
+
+    section = raw.get("algorithm")
+    name = section.get("name", AlgorithmConfig.model_fields["name"].default) if isinstance(section, dict) else None
+    if not isinstance(name, str) or name not in plugins.ALGORITHMS:
+        return None
+    return getattr(plugins.ALGORITHMS.get(name), "Params", None)
+
+
+def _seed_param_mapping(raw: dict[str, Any], assignment: str, params_model: type[BaseModel] | None) -> None:
+    """Before ``--set algorithm.params.FIELD.KEY=V``, copy FIELD's default mapping into ``raw`` when the
+    config does not set FIELD. Otherwise the new key would replace the defaults rather than join them:
+    ``--set algorithm.params.rates.f=0.03125`` would leave HeteroFL with the one rate 'f'."""
+    parts = [p for p in assignment.split("=", 1)[0].strip().split(".") if p]
+    if params_model is None or len(parts) < 4 or parts[:2] != ["algorithm", "params"]:
+        return
+    section = raw.get("algorithm")
+    params = section.get("params") if isinstance(section, dict) else None
+    if params is not None and (not isinstance(params, dict) or parts[2] in params):
+        return
+    field = params_model.model_fields.get(parts[2])
+    default = field.get_default(call_default_factory=True) if field is not None else None
+    if isinstance(default, dict):
+        raw.setdefault("algorithm", {}).setdefault("params", {})[parts[2]] = copy.deepcopy(default)
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
     raw = load_raw(path)
-    for ov in overrides or []:
-        apply_override(raw, ov)
+    overrides = overrides or []
+    if overrides:
+        # The algorithm whose defaults a nested --set joins: the one named once every override is applied.
+        final = copy.deepcopy(raw)
+        for ov in overrides:
+            apply_override(final, ov)
+        params_model = _algorithm_params_model(final)
+        for ov in overrides:
+            _seed_param_mapping(raw, ov, params_model)
+            apply_override(raw, ov)
     return validate(raw)
+
+
+def params_defaults_comment(cfg: RunConfig) -> str:
+    """YAML comment lines listing the ``algorithm.params`` that ``cfg`` leaves unset, with the default
+    each takes and its description. Comments, not fields: some algorithms read a field written out
+    differently from one left unset (HeteroFL refuses ``static_bn: true`` on a model without BN)."""
+    from fedslim import plugins
+
+    params_model = getattr(plugins.ALGORITHMS.get(cfg.algorithm.name), "Params", None)
+    if params_model is None:
+        return ""
+    unset = [(k, f) for k, f in params_model.model_fields.items() if k not in cfg.algorithm.params]
+    if not unset:
+        return ""
+    lines = [f"# algorithm.params left unset take these defaults ({cfg.algorithm.name}):"]
+    for k, f in unset:
+        value = yaml.safe_dump(f.get_default(call_default_factory=True), default_flow_style=True).strip()
+        value = value.removesuffix("\n...").strip()
+        lines.append(f"#   {k}: {value}" + (f"   # {f.description}" if f.description else ""))
+    return "\n".join(lines) + "\n"
 
 
 def dump_config(cfg: RunConfig) -> str:

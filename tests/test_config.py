@@ -118,3 +118,40 @@ def test_config_path_that_is_a_directory_says_so(tmp_path, capsys) -> None:
         err = capsys.readouterr().err
         assert err == f"fedslim: config error: config file '{tmp_path}' is a directory; expected a YAML config file\n"
     assert not out.exists()
+
+
+def test_set_into_a_default_mapping_joins_the_defaults(tmp_path) -> None:
+    from fedslim.algorithms.heterofl import PAPER_RATES
+
+    heterofl = ["algorithm.name=heterofl"]
+    cfg = load_config(None, [*heterofl, "algorithm.params.rates.f=0.03125"])
+    assert cfg.algorithm.params["rates"] == {**PAPER_RATES, "f": 0.03125}
+    # the algorithm is the one named after every override, whatever their order
+    cfg = load_config(None, ["algorithm.params.rates.a=0.9", *heterofl])
+    assert cfg.algorithm.params["rates"] == {**PAPER_RATES, "a": 0.9}
+    # a mapping the config file writes out is the user's own: --set edits it and adds no defaults
+    f = tmp_path / "c.yaml"
+    f.write_text("algorithm:\n  name: heterofl\n  params:\n    rates: {a: 1.0, b: 0.5}\n    model_split: a1-b1\n")
+    cfg = load_config(f, ["algorithm.params.rates.b=0.25"])
+    assert cfg.algorithm.params["rates"] == {"a": 1.0, "b": 0.25}
+    # a field that is not a mapping, or an algorithm without it, is left to validation
+    with pytest.raises(ConfigError, match="algorithm.params"):
+        load_config(None, ["algorithm.params.rates.f=0.5"])  # fedavg has no rates
+
+
+def test_config_command_lists_the_unset_params_defaults(capsys) -> None:
+    import yaml
+
+    from fedslim.algorithms.heterofl import HeteroFLParams
+    from fedslim.cli import main
+
+    assert main(["config", "--set", "algorithm.name=heterofl", "--set", "algorithm.params.scaler=false"]) == 0
+    out = capsys.readouterr().out
+    printed = yaml.safe_load(out)
+    assert printed["algorithm"]["params"] == {"scaler": False}  # defaults are comments, not fields
+    comments = [ln for ln in out.splitlines() if ln.startswith("#   ")]
+    names = [ln[4:].split(":")[0] for ln in comments]
+    assert names == [k for k in HeteroFLParams.model_fields if k != "scaler"]
+    assert "#   static_bn: true   # " in out
+    assert main(["config"]) == 0  # fedavg takes no params: nothing to list
+    assert "#" not in capsys.readouterr().out
