@@ -288,7 +288,10 @@ def test_topk_keeps_exactly_k_largest() -> None:
     ([{"name": "int8"}, {"name": "quantise"}], "codec.up.1.name: unknown codec 'quantise' (did you mean "
                                                "'quantize'?); allowed: int8, prune, quantize, topk"),
     ([{"name": "prune"}], "codec.up.0.amount: required"),
-    ([{"name": "prune", "amount": 1.5}], "codec.up.0.amount: must be between 0 and 1 (got 1.5)"),
+    ([{"name": "prune", "amount": 1.5}], "codec.up.0.amount: must be at least 0 and below 1 (1 would remove "
+                                          "every weight the stage compresses) (got 1.5)"),
+    ([{"name": "prune", "amount": 1}], "codec.up.0.amount: must be at least 0 and below 1"),
+    ([{"name": "prune", "amount": 1, "structured": True}], "codec.up.0.amount: must be at least 0 and below 1"),
     ([{"name": "prune", "amount": 0.5, "scope": "global", "structured": True}],
      "codec.up.0: scope 'global' works with unstructured pruning only"),
     ([{"name": "quantize", "rounding": "up"}], "codec.up.0.rounding: "),

@@ -38,8 +38,9 @@ class PruneParams(StageParams):
     @field_validator("amount")
     @classmethod
     def _amount(cls, v: float) -> float:
-        if not 0.0 <= v <= 1.0:
-            raise ValueError("must be between 0 and 1")
+        if not 0.0 <= v < 1.0:
+            # 1 would zero every tensor the stage compresses: a run that trains nothing through them.
+            raise ValueError("must be at least 0 and below 1 (1 would remove every weight the stage compresses)")
         return v
 
     @field_validator("dim")
