@@ -48,16 +48,32 @@ def _up_ratio(summary: dict[str, Any]) -> str:
     return f"{r:.2f}" if r else "-"
 
 
+def run_labels(paths: list[Path]) -> list[str]:
+    """A label per run folder: its name, or where names repeat (runs/a/run, runs/b/run), the shortest
+    trailing part of its path that no other run shares ('a/run', 'b/run')."""
+    parts = [p.resolve().parts for p in paths]
+    labels = []
+    for i, mine in enumerate(parts):
+        others = [q for j, q in enumerate(parts) if j != i and q != mine]
+        k = 1
+        while k < len(mine) and any(q[-k:] == mine[-k:] for q in others):
+            k += 1
+        labels.append("/".join(mine[-k:]))
+    return labels
+
+
 def report(runs: list[str], out_dir: str | None = None) -> str:
     paths = [Path(r) for r in runs]
     for p in paths:
         if not p.is_dir():
             raise ReportError(f"{p}: not a folder")
     loaded = [(p, *_load(p)) for p in paths]
+    label_of = dict(zip(paths, run_labels(paths), strict=True))
     # Columns as wide as their longest entry: a truncated name can hide the level or tier that tells
     # two rows of one run apart.
-    named = [(p, s, rows, [p.name if label == "global" else f"{p.name}[{label}]" for label in rows[-1].get("eval", {})]
-              + [f"{p.name} local/{tier}" for tier in rows[-1].get("local") or {}]) for p, s, rows in loaded]
+    named = [(p, s, rows, [label_of[p] if label == "global" else f"{label_of[p]}[{label}]"
+                           for label in rows[-1].get("eval", {})]
+              + [f"{label_of[p]} local/{tier}" for tier in rows[-1].get("local") or {}]) for p, s, rows in loaded]
     wn = max([3, *(len(n) for *_, names in named for n in names)])
     wa = max([4, *(len(str(s.get("algorithm", "?"))) for _, s, _ in loaded)])
     wm = max([5, *(len(str(s.get("model", "?"))) for _, s, _ in loaded)])
@@ -91,24 +107,24 @@ def report(runs: list[str], out_dir: str | None = None) -> str:
         # (HybridCompFL's compressed rungs) is a separate cost, shown beside it rather than added in.
         lines.append("")
         for p, d in deployed:
-            lines.append(f"{p.name}: plus {_fmt_bytes(d.get('bytes_down', 0))} deployed once after training to the "
-                         f"constrained devices ({d.get('served', 0)} devices served, {d.get('unserved', 0)} "
+            lines.append(f"{label_of[p]}: plus {_fmt_bytes(d.get('bytes_down', 0))} deployed once after training to "
+                         f"the constrained devices ({d.get('served', 0)} devices served, {d.get('unserved', 0)} "
                          f"unserved); not in 'down', which counts training rounds as for every method")
     unfinished = [(p, s, rows) for p, s, rows in loaded if s.get("unfinished")]
     if unfinished:
         lines.append("")
         for p, s, rows in unfinished:
             of = f" of {s['rounds']}" if "rounds" in s else ""
-            lines.append(f"* {p.name}: unfinished, stopped after round {rows[-1]['round']}{of} "
+            lines.append(f"* {label_of[p]}: unfinished, stopped after round {rows[-1]['round']}{of} "
                          f"(fedslim run --resume continues it from its last checkpoint)")
     out = Path(out_dir) if out_dir else paths[0].parent / "report"
-    written = _plots(loaded, out)
+    written = _plots([(label_of[p], s, rows) for p, s, rows in loaded], out)
     lines.append("")
     lines += [f"wrote {w}" for w in written]
     return "\n".join(lines)
 
 
-def _plots(loaded: list[tuple[Path, dict[str, Any], list[dict[str, Any]]]], out: Path) -> list[Path]:
+def _plots(loaded: list[tuple[str, dict[str, Any], list[dict[str, Any]]]], out: Path) -> list[Path]:
     import io
 
     import matplotlib
@@ -125,11 +141,11 @@ def _plots(loaded: list[tuple[Path, dict[str, Any], list[dict[str, Any]]]], out:
         fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 4.5), squeeze=False)
         for ax, panel in zip(axes[0], panels, strict=True):
             xlabel, x_of = xs_of[panel]
-            for p, _, rows in loaded:
+            for run_label, _, rows in loaded:
                 labels = list(rows[-1].get("eval", {}))
                 for label in labels:
                     pts = [r for r in rows if label in r.get("eval", {})]
-                    name = p.name if len(labels) == 1 else f"{p.name}[{label}]"
+                    name = run_label if len(labels) == 1 else f"{run_label}[{label}]"
                     ax.plot([x_of(r) for r in pts], [r["eval"][label]["acc"] * 100 for r in pts], marker="o",
                             ms=3, label=name)
             ax.set_xlabel(xlabel)

@@ -157,3 +157,20 @@ def test_batch_statistic_bn_evaluates_a_trailing_one_sample_batch_with_the_previ
     with pytest.raises(ValueError, match=r"cannot evaluate MLP on a batch of one sample \(of a set of 1\)") as e:
         predict(model, lone)
     assert "model.options.track_running_stats=false" in str(e.value)
+
+
+def test_report_tells_runs_with_one_folder_name_apart(tmp_path: Path) -> None:
+    from fedslim.report import run_labels
+
+    # `fedslim run` names every run folder 'run' unless told otherwise: three such runs were three rows
+    # called 'run', in the table and in the plots' legends.
+    a = _fake_run(tmp_path / "a" / "run", {"all": {"n": 4, "acc": 0.5}})
+    b = _fake_run(tmp_path / "b" / "run", {})
+    c = _fake_run(tmp_path / "x" / "b" / "run", {})
+    solo = _fake_run(tmp_path / "solo", {})
+    # b and x/b share 'b/run', so b takes one more part of its path
+    assert run_labels([a, b, c, solo]) == ["a/run", f"{tmp_path.name}/b/run", "x/b/run", "solo"]
+    text = report([str(a), str(b), str(solo)], str(tmp_path / "out"))
+    first = [ln.split()[0] for ln in text.splitlines()[2:6]]
+    assert first == ["a/run", "a/run", "b/run", "solo"]  # a/run's second row is its local/all
+    assert "a/run local/all" in text
