@@ -15,12 +15,86 @@ from typing import Any, ClassVar
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from fedslim.config import RunConfig
+from fedslim.config import ConfigError, DeviceTier, RunConfig
 from fedslim.data.types import DatasetBundle, TensorData
 from fedslim.devices import DevicePopulation
 from fedslim.engine.store import ClientStore
 from fedslim.engine.task import ClientResult, ClientTask, LocalTrain, ModelSpec, State
 from fedslim.rng import stream_seed
+
+# Where devices.tiers budgets (model_bytes, memory_mb) and widths decide what a device gets; named in the
+# errors of the algorithms that send one model to every device.
+BUDGET_ALGORITHMS = ("hybridcomp (capable: false tiers get the most accurate compressed model within their "
+                     "budget) or heterofl / fedrolex / fed_dropout (each tier trains a sub-model at its width)")
+
+
+def check_tiers(cfg: RunConfig, algorithm: str, *, reads_width: bool, reads_capable: bool) -> None:
+    """Refuse devices.tiers settings ``algorithm`` would silently ignore: a width other than 1 when it
+    gives every device the same model, ``capable: false`` when it trains on every device."""
+    for i, t in enumerate(cfg.devices.tiers):
+        if not reads_width and t.width != 1:
+            raise ValueError(
+                f"devices.tiers.{i}.width: {algorithm} gives every device the same model (model.width "
+                f"{cfg.model.width:g}), so the width {t.width:g} of tier {t.name!r} would be ignored; allowed "
+                f"here: 1 (the default). For a narrower model per tier use heterofl, fedrolex or fed_dropout; "
+                f"to shrink every device's model, set model.width")
+        if not reads_capable and not t.capable:
+            raise ValueError(
+                f"devices.tiers.{i}.capable: {algorithm} trains on every device, so 'capable: false' on tier "
+                f"{t.name!r} would be ignored; allowed here: true (the default). Devices that do not train and "
+                f"get a compressed model instead are algorithm hybridcomp's")
+
+
+def activation_bytes(spec: Any, batch: int = 1) -> int:
+    """Float32 activation memory of batch-``batch`` inference when every activation is freed once the
+    next layer has consumed it: the largest input + output of any leaf module (meta tensors, no compute)."""
+    with torch.device("meta"):
+        model = spec.build()
+    model.eval()
+    peak = 0
+
+    def hook(_m: torch.nn.Module, inp: tuple[Any, ...], out: Any) -> None:
+        nonlocal peak
+        n = sum(t.numel() for t in inp if isinstance(t, torch.Tensor))
+        n += out.numel() if isinstance(out, torch.Tensor) else 0
+        peak = max(peak, n)
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if not list(m.children())]
+    try:
+        with torch.no_grad():
+            model(torch.zeros((batch, *spec.input_shape), device="meta"))
+    finally:
+        for h in handles:
+            h.remove()
+    return 4 * peak
+
+
+def budget_shortfall(i: int, tier: DeviceTier, what: str, spec: ModelSpec, state: State) -> str | None:
+    """Why tier ``i`` cannot hold ``what`` (``spec`` with weights ``state``), or None when it can (or sets
+    no budget). The model's size is its exact (float32) encoding, as sent with no codec; memory is that
+    plus the float32 activations of batch-1 inference, a lower bound of what training needs, so only a
+    budget that surely cannot run the model is refused (the same measure HybridCompFL's memory budget
+    uses)."""
+    from fedslim.codecs import pack_exact
+
+    if tier.model_bytes is None and tier.memory_mb is None:
+        return None
+    size = len(pack_exact(state))
+    if tier.model_bytes is not None and size > tier.model_bytes:
+        return (f"devices.tiers.{i}.model_bytes: tier {tier.name!r} holds at most {tier.model_bytes:,} B, but "
+                f"{what} is {size:,} B (float32, as sent with no codec)")
+    if tier.memory_mb is not None:
+        act = activation_bytes(spec)
+        if size + act > tier.memory_mb * 1e6:
+            return (f"devices.tiers.{i}.memory_mb: tier {tier.name!r} has {tier.memory_mb:g} MB "
+                    f"({tier.memory_mb * 1e6:,.0f} B), but {what} needs at least {size + act:,} B ({size:,} B "
+                    f"of float32 weights + {act:,} B of batch-1 activations; training needs more)")
+    return None
+
+
+def refuse_budget(reason: str, remedy: str) -> None:
+    """A tier budget a model cannot meet: a config error, raised before the run folder is made."""
+    raise ConfigError(f"{reason}; {remedy}")
 
 
 class NoParams(BaseModel):

@@ -10,7 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 from fedslim.algorithms.aggregate import mean_delta
-from fedslim.algorithms.base import Algorithm
+from fedslim.algorithms.base import BUDGET_ALGORITHMS, Algorithm, budget_shortfall, check_tiers, refuse_budget
+from fedslim.config import RunConfig
 from fedslim.engine.server_opt import ServerOptimizer
 from fedslim.engine.task import ClientResult, ClientTask, ModelSpec, State
 from fedslim.registry import ALGORITHMS
@@ -20,11 +21,26 @@ from fedslim.registry import ALGORITHMS
 class FedAvg(Algorithm):
     name = "fedavg"
 
+    @classmethod
+    def check_config(cls, cfg: RunConfig) -> None:
+        check_tiers(cfg, cls.name, reads_width=False, reads_capable=False)
+
     def setup(self) -> None:
         self.spec: ModelSpec = self.ctx.spec()
         self.state: State = self.ctx.init_state(self.spec)
         self.server_opt = ServerOptimizer(self.ctx.cfg.federation.server_optimizer)
         self.param_keys = set(dict(self.spec.build().named_parameters()))
+        self.check_budgets()
+
+    def check_budgets(self) -> None:
+        """Every device trains the one global model: a tier whose model_bytes or memory_mb cannot hold
+        it could not take part, so the run is refused (here: the model's size needs the dataset's shape)."""
+        for i, t in enumerate(self.ctx.devices.tiers):
+            why = budget_shortfall(i, t, f"the {self.spec.name} model {self.name} sends every device", self.spec,
+                                   self.state)
+            if why:
+                refuse_budget(why, f"raise the budget, make every device's model smaller (model.width), or use "
+                                   f"an algorithm that honours budgets: {BUDGET_ALGORITHMS}")
 
     def plan(self, round_: int, cohort: list[int]) -> list[ClientTask]:
         return [self.ctx.train_task(round_, c, self.spec, self.state) for c in cohort]

@@ -40,7 +40,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from torch import nn
 
-from fedslim.algorithms.base import Algorithm
+from fedslim.algorithms.base import Algorithm, budget_shortfall, check_tiers, refuse_budget
 from fedslim.algorithms.submodel import (
     ChannelLayout,
     Contribution,
@@ -51,7 +51,7 @@ from fedslim.algorithms.submodel import (
     state_shapes,
 )
 from fedslim.codecs import pack_exact
-from fedslim.config import ConfigError
+from fedslim.config import ConfigError, DeviceTier, RunConfig
 from fedslim.devices import split_counts
 from fedslim.engine.server_opt import ServerOptimizer
 from fedslim.engine.task import ClientResult, ClientTask, ModelSpec, State
@@ -146,6 +146,12 @@ class HeteroFL(Algorithm):
     shared_plan: ClassVar[bool] = True
 
     # ------------------------------------------------------------------ set-up
+    @classmethod
+    def check_config(cls, cfg: RunConfig) -> None:
+        # Widths are read (levels follow the tiers unless model_split is given, which notes that it
+        # overrides them); every device trains, so capable: false would be ignored.
+        check_tiers(cfg, cls.name, reads_width=True, reads_capable=False)
+
     def setup(self) -> None:
         ctx, p = self.ctx, self.params
         cfg = ctx.cfg
@@ -194,6 +200,7 @@ class HeteroFL(Algorithm):
                               f"has none; set model.options.norm=bn (where the model offers it) or "
                               f"algorithm.params.static_bn=false (allowed: true, false)")
         self.check_scaler(model)
+        self.check_budgets()
         self.masked = (cfg.data.partition.kind not in _LABEL_BALANCED) if p.masked_loss == "auto" else p.masked_loss
         n = ctx.num_clients
         self._fixed = np.repeat(np.arange(len(self.labels)), split_counts(list(self.shares), n))
@@ -214,6 +221,44 @@ class HeteroFL(Algorithm):
         self._last_cohort: list[int] = []
         self.bn_query_totals = {"queries": 0, "bytes_down": 0, "bytes_up": 0}
         self.check_channel_groups()
+
+    def check_budgets(self) -> None:
+        """A tier's model_bytes and memory_mb must hold the sub-model its devices train: their own level's
+        when levels follow the tiers, the largest level when model_split draws levels apart from them.
+        Refused before the run folder is made (sizes need the dataset's shape, so not in check_config)."""
+        tiers = self.ctx.devices.tiers
+        if self.params.model_split is not None:
+            top = max(self.labels, key=lambda lab: self.level_rates[lab])
+            for i, t in enumerate(tiers):
+                why = budget_shortfall(i, t, f"level '{top}' (rate {self.level_rates[top]:g}), which "
+                                       f"algorithm.params.model_split may give any device,", self.train_specs[top],
+                                       self.level_params(top))
+                if why:
+                    refuse_budget(why, "model_split assigns levels apart from devices.tiers, so every tier must "
+                                       "hold the largest level; leave model_split unset to give each tier a "
+                                       "sub-model at its own devices.tiers width, or raise the budget")
+            return
+        for i, t in enumerate(tiers):
+            why = budget_shortfall(i, t, f"its width-{t.width:g} sub-model of {self.global_spec.name}",
+                                   self.train_specs[t.name], self.level_params(t.name))
+            if why:
+                refuse_budget(why, self._width_hint(i, t))
+
+    def _width_hint(self, i: int, tier: DeviceTier) -> str:
+        """What to change: the widest of the tier's width halved up to 8 times that fits its budgets."""
+        gw, p = self.ctx.cfg.model.width, self.params
+        for k in range(1, 9):
+            w = tier.width / 2 ** k
+            scale = w / self.global_rate if p.scaler else 1.0
+            spec = self.ctx.spec(width=gw * w, track_running_stats=not p.static_bn, scaler_rate=scale)
+            try:
+                state = self.ctx.init_state(spec)
+            except Exception:  # noqa: BLE001 - too narrow to build: nothing narrower will do either
+                break
+            if budget_shortfall(i, tier, "", spec, state) is None:
+                return f"lower devices.tiers.{i}.width to {w:g} or less (that sub-model fits), or raise the budget"
+        return (f"no sub-model down to width {tier.width / 2 ** 8:g} fits; raise the budget, or set model.width "
+                f"lower")
 
     def check_scaler(self, model: nn.Module) -> None:
         """Scaler assumes a normalization layer after it: without one, a rate-r sub-model's activations

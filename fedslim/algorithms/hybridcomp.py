@@ -59,6 +59,7 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from fedslim.algorithms.base import activation_bytes, budget_shortfall, check_tiers, refuse_budget
 from fedslim.algorithms.fedavg import FedAvg
 from fedslim.codecs import Codec, build_pipeline, compress_state
 from fedslim.config import RunConfig
@@ -138,30 +139,6 @@ def ladder_rungs(p: HybridCompParams) -> list[Rung]:
     return rungs
 
 
-def activation_bytes(spec: Any, batch: int = 1) -> int:
-    """Float32 activation memory of batch-``batch`` inference when every activation is freed once the
-    next layer has consumed it: the largest input + output of any leaf module (meta tensors, no compute)."""
-    with torch.device("meta"):
-        model = spec.build()
-    model.eval()
-    peak = 0
-
-    def hook(_m: torch.nn.Module, inp: tuple[Any, ...], out: Any) -> None:
-        nonlocal peak
-        n = sum(t.numel() for t in inp if isinstance(t, torch.Tensor))
-        n += out.numel() if isinstance(out, torch.Tensor) else 0
-        peak = max(peak, n)
-
-    handles = [m.register_forward_hook(hook) for m in model.modules() if not list(m.children())]
-    try:
-        with torch.no_grad():
-            model(torch.zeros((batch, *spec.input_shape), device="meta"))
-    finally:
-        for h in handles:
-            h.remove()
-    return 4 * peak
-
-
 @ALGORITHMS.register("hybridcomp", "HybridCompFL: FedAvg on capable devices, data-free prune+int8 ladder "
                                    "for constrained ones")
 class HybridCompFL(FedAvg):
@@ -173,6 +150,8 @@ class HybridCompFL(FedAvg):
     def check_config(cls, cfg: RunConfig) -> None:
         p = HybridCompParams.model_validate(cfg.algorithm.params)
         tiers = cfg.devices.tiers
+        # Capable devices train the model and constrained ones get compressed copies of it: none is narrower.
+        check_tiers(cfg, cls.name, reads_width=False, reads_capable=True)
         if not any(t.capable for t in tiers):
             raise ValueError("devices.tiers: HybridCompFL trains on capable devices only; mark at least one tier "
                              "'capable: true'")
@@ -233,6 +212,22 @@ class HybridCompFL(FedAvg):
                              f"({self.budget_of(t):,.0f} B) is below the batch-1 activation memory of "
                              f"{self.spec.name} alone ({act:,} B, before any model bytes); it will be "
                              f"reported unserved")
+
+    def check_budgets(self) -> None:
+        """Capable devices train the full model, as FedAvg's do: a budget set on a capable tier must hold it.
+        A constrained tier's budget picks its rung (after training); the other budget field is not read."""
+        other = "memory_mb" if self.params.budget == "model_bytes" else "model_bytes"
+        for i, t in enumerate(self.ctx.devices.tiers):
+            if t.capable:
+                why = budget_shortfall(i, t, f"the {self.spec.name} model a capable device trains", self.spec,
+                                       self.state)
+                if why:
+                    refuse_budget(why, "mark the tier 'capable: false' to serve it the most accurate compressed "
+                                       "model within its budget instead, or raise the budget")
+            elif getattr(t, other) is not None:
+                self.ctx.note(f"hybridcomp: devices.tiers.{i}.{other} is not read: algorithm.params.budget is "
+                              f"{self.params.budget}, so tier '{t.name}' is served by its "
+                              f"{'model_bytes' if other == 'memory_mb' else 'memory_mb'} alone")
 
     def _compressible_names(self) -> frozenset[str]:
         from fedslim.engine.run import compressible_names  # the engine's rule, so rung sizes match the wire

@@ -69,6 +69,7 @@ class QuantFL(FedAvg):
 
     @classmethod
     def check_config(cls, cfg: RunConfig) -> None:
+        super().check_config(cfg)
         if cfg.codec.up:
             raise ValueError("codec.up: QuantFL installs its own uplink quantizer (algorithm.params.bits, "
                              "rounding, scheme, granularity); leave codec.up empty, or use algorithm "
