@@ -135,6 +135,18 @@ class DeviceTier(Strict):
     up_mbps: float = Field(10.0, gt=0)
     down_mbps: float = Field(50.0, gt=0)
 
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        # Per-tier local metrics are keyed by tier name beside 'all' (the mean over every client): a tier
+        # called 'all' replaced that mean with its own. An empty name would be an empty column.
+        if not v.strip():
+            raise ValueError("a tier needs a non-empty name")
+        if v == "all":
+            raise ValueError("'all' is reserved (local metrics report the mean over every client as 'all'); "
+                             "choose another tier name")
+        return v
+
 
 class DevicesConfig(Strict):
     tiers: list[DeviceTier] = Field(default_factory=lambda: [DeviceTier(name="a")], min_length=1)

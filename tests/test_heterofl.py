@@ -457,6 +457,16 @@ def test_levels_that_fixed_assignment_leaves_empty_are_flagged(tmp_path, split, 
 
 
 
+@pytest.mark.parametrize("assignment", ["fixed", "random"])
+def test_a_tier_that_gets_no_client_is_flagged_under_fixed_and_random_device_assignment(tmp_path, assignment):
+    # 'random' shuffles the tiers once, so a tier apportioned no client never gets one (as with 'fixed')
+    tiers = [{"name": "big", "share": 1, "width": 1.0}, {"name": "small", "share": 0.01, "width": 0.5}]
+    r = _built(_cfg(tmp_path, {}, devices={"tiers": tiers, "assignment": assignment}))
+    notes = [n for n in r.ctx.notes if "no client" in n]
+    assert len(notes) == 1 and "level small no client" in notes[0] and "devices.tiers" in notes[0], notes
+    assert r.algo.describe_summary(r.algo.summary())[0].endswith("clients of 10):")
+
+
 @pytest.mark.parametrize(("fed", "params", "noted"), [
     ({"weighted": True}, {}, True),
     ({"weighted": True}, {"weighted": True}, False),

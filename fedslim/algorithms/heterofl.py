@@ -438,7 +438,8 @@ class HeteroFL(Algorithm):
     def _fixed_assignment(self) -> bool:
         """Whether every client keeps one level: model_split's own assignment, else the device tiers'."""
         p = self.params
-        return (p.assignment if p.model_split is not None else self.ctx.cfg.devices.assignment) == "fixed"
+        # devices.assignment 'random' shuffles the tiers once: every client keeps its tier, as with 'fixed'.
+        return (p.assignment if p.model_split is not None else self.ctx.cfg.devices.assignment) != "dynamic"
 
     def describe_summary(self, s: dict[str, Any]) -> list[str]:
         """Lines the engine prints under the run's table: each level's sub-model and the BN query's
