@@ -127,13 +127,21 @@ class CodecConfig(Strict):
 class DeviceTier(Strict):
     name: str
     share: float = Field(1.0, gt=0, description="relative share of the population")
-    width: float = Field(1.0, gt=0, le=1, description="width rate of this tier's model")
-    capable: bool = Field(True, description="trains (HybridCompFL: only capable devices train)")
-    model_bytes: int | None = Field(None, ge=1, description="largest model this tier can hold")
-    memory_mb: float | None = Field(None, gt=0)
-    macs_per_s: float = Field(1e9, gt=0, description="compute speed for simulated time")
-    up_mbps: float = Field(10.0, gt=0)
-    down_mbps: float = Field(50.0, gt=0)
+    width: float = Field(1.0, gt=0, le=1, description=(
+        "width rate of this tier's sub-model (heterofl, fedrolex, fed_dropout without model_split); "
+        "algorithms that give every device one model refuse a width other than 1"))
+    capable: bool = Field(True, description="hybridcomp: only capable devices train, the others get a compressed "
+                                            "model; algorithms that train every device refuse false")
+    model_bytes: int | None = Field(None, ge=1, description=(
+        "largest model this tier can hold, in bytes: hybridcomp serves constrained tiers within it; a run whose "
+        "tier cannot hold the (sub-)model it would train is refused"))
+    memory_mb: float | None = Field(None, gt=0, description=(
+        "memory in MB (10^6 B): the model plus batch-1 activations must fit (a lower bound of training); "
+        "hybridcomp with budget: memory serves constrained tiers within it"))
+    macs_per_s: float = Field(1e9, gt=0, description="compute speed for simulated time (3x forward MACs per "
+                                                     "sample trained)")
+    up_mbps: float = Field(10.0, gt=0, description="uplink Mbit/s for simulated time (encoded bytes)")
+    down_mbps: float = Field(50.0, gt=0, description="downlink Mbit/s for simulated time (encoded bytes)")
 
     @field_validator("name")
     @classmethod
