@@ -77,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(func=_cmd_run)
 
     c = sub.add_parser("config", help="print the resolved config, its fields validated (whether the model "
-                       "and its options suit the dataset is checked when a run starts), and as comments the "
+                       "and its options suit the dataset, and whether device tiers' model_bytes and memory_mb "
+                       "hold their model, is checked when a run starts), and as comments the "
                        "algorithm.params it leaves unset, with their defaults")
     c.add_argument("config", nargs="?")
     c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
