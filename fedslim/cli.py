@@ -72,7 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--output-dir", help="parent folder of run folders (default: runs)")
     r.add_argument("--name", help="run folder name")
     r.add_argument("--rounds", type=int, help="shorthand for --set federation.rounds=N")
-    r.add_argument("--resume", action="store_true", help="continue the stopped run in the run folder")
+    r.add_argument("--resume", action="store_true",
+                   help="continue the stopped run in the run folder; with --rounds N, continue it (stopped or "
+                        "finished) to a new last round N")
     r.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     r.set_defaults(func=_cmd_run)
 

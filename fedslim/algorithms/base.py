@@ -182,6 +182,9 @@ class Algorithm:
 
     name: ClassVar[str] = ""
     Params: ClassVar[type[BaseModel]] = NoParams
+    # Why a resumed run may not change federation.rounds (None: it may): set by an algorithm that
+    # plans from the total number of rounds, so a run given other totals would not be the same run.
+    rounds_fixed: ClassVar[str | None] = None
 
     def __init__(self, ctx: RunContext, params: BaseModel):
         self.ctx = ctx

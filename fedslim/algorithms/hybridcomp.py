@@ -145,6 +145,8 @@ class HybridCompFL(FedAvg):
     name = "hybridcomp"
     Params = HybridCompParams
     params: HybridCompParams
+    rounds_fixed = ("it deploys its compressed models after the last round, and join_round defaults to half "
+                    "of federation.rounds")
 
     @classmethod
     def check_config(cls, cfg: RunConfig) -> None:

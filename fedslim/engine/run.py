@@ -109,6 +109,14 @@ def _comparable(cfg: RunConfig | dict[str, Any]) -> dict[str, Any]:
     return d
 
 
+ROUNDS_FIELD = "federation.rounds"
+
+
+def _other_diffs(diffs: list[str]) -> list[str]:
+    """The differences that forbid a resume: all but federation.rounds, which may extend a run."""
+    return [d for d in diffs if not d.startswith(f"{ROUNDS_FIELD}:")]
+
+
 def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
     if isinstance(a, dict) and isinstance(b, dict):
         out = []
@@ -162,10 +170,12 @@ class Runner:
             except (OSError, yaml.YAMLError, ValueError) as e:
                 raise RunError(f"--resume: {cfg_file} is missing or unreadable, so the checkpoint cannot be "
                                f"matched to its config ({type(e).__name__})") from None
-            diffs = _diff(_comparable(saved), _comparable(self.cfg))
+            diffs = _other_diffs(_diff(_comparable(saved), _comparable(self.cfg)))
             if diffs:
                 raise RunError(f"--resume: the checkpoint in {self.run_dir} is from another config: {diffs[0]}"
                                + (f" (+{len(diffs) - 1} more)" if len(diffs) > 1 else ""))
+            if saved.federation.rounds != self.cfg.federation.rounds:
+                self._check_rounds_change(saved.federation.rounds)
         elif self.run_dir.exists() and any(self.run_dir.iterdir()):
             names = {f.name for f in self.run_dir.iterdir()}
             if all(n in START_FILES or n == LOCK_FILE or (n.startswith(".") and n.endswith(".tmp")) for n in names):
@@ -178,6 +188,23 @@ class Runner:
                                f"another name (--set name=...) or remove the folder")
             raise RunError(f"{self.run_dir} already holds a run; pass --resume to continue it, or choose "
                            f"another name (--set name=...)")
+
+    def _check_rounds_change(self, saved_rounds: int) -> None:
+        """A resume with another federation.rounds continues the same run to a new last round, which is
+        only true when nothing already trained was planned from the old total."""
+        cfg = self.cfg
+        why = None
+        if cfg.train.schedule.kind == "cosine":
+            why = ("train.schedule.kind is cosine, whose learning rate in every round depends on "
+                   "federation.rounds, so the rounds already trained would not be those of the new run")
+        else:
+            fixed = getattr(plugins.ALGORITHMS.get(cfg.algorithm.name), "rounds_fixed", None)
+            if fixed:
+                why = f"algorithm {cfg.algorithm.name} cannot change it: {fixed}"
+        if why:
+            raise RunError(f"--resume: {ROUNDS_FIELD}: the run in {self.run_dir} was planned for {saved_rounds} "
+                           f"rounds and cannot continue to {cfg.federation.rounds}: {why}; start a new run "
+                           f"(--set name=...) for {cfg.federation.rounds} rounds")
 
     def _build(self) -> None:
         from fedslim.data.datasets import load_dataset
@@ -408,14 +435,29 @@ class Runner:
                 raise RunError(f"--resume: {e}; the run cannot continue from it (restore the file, or start "
                                f"over under another name)") from None
             if ck.get("version") != CHECKPOINT_VERSION:
+                self.backend.close()
                 raise RunError(f"{self.run_dir / CHECKPOINT_FILE}: checkpoint version {ck.get('version')} "
                                f"is not supported (expected {CHECKPOINT_VERSION})")
             saved_cfg = _comparable(ck["config"]) if isinstance(ck.get("config"), dict) else {}
-            if saved_cfg != _comparable(cfg):
-                diffs = _diff(saved_cfg, _comparable(cfg))
+            diffs = _diff(saved_cfg, _comparable(cfg))
+            others = _other_diffs(diffs)
+            if others or (diffs and not isinstance(saved_cfg.get("federation", {}).get("rounds"), int)):
+                self.backend.close()
                 raise RunError(f"--resume: {self.run_dir / CHECKPOINT_FILE} was written by another config"
-                               + (f": {diffs[0]}" if diffs else "")
+                               + (f": {(others or diffs)[0]}" if others or diffs else "")
                                + (f" (+{len(diffs) - 1} more)" if len(diffs) > 1 else ""))
+            extend_from = saved_cfg["federation"]["rounds"] if diffs else None
+            if extend_from is not None:
+                try:
+                    self._check_rounds_change(extend_from)
+                except RunError:
+                    self.backend.close()
+                    raise
+                if ck["round"] >= cfg.federation.rounds:
+                    self.backend.close()
+                    raise RunError(f"--resume: {ROUNDS_FIELD}: the run in {self.run_dir} has already trained "
+                                   f"{ck['round']} rounds; to continue it, give more than {ck['round']} (got "
+                                   f"{cfg.federation.rounds})")
             self.algo.load_state_dict(ck["algorithm"])
             self.codec_up.load_state_dict(ck["codec_up"])
             self.codec_down.load_state_dict(ck["codec_down"])
@@ -434,7 +476,16 @@ class Runner:
                 self._say(f"{self.run_dir} already finished all {cfg.federation.rounds} rounds; nothing to "
                           f"resume (its results are in {SUMMARY_FILE} and {METRICS_FILE})")
                 return json.loads((self.run_dir / SUMMARY_FILE).read_text())
-            if start_round > cfg.federation.rounds:
+            if extend_from is not None:
+                kept = self.run_dir / f"summary_round_{ck['round']}.json"
+                if (self.run_dir / SUMMARY_FILE).exists():
+                    # The finished run's results stay beside the continued run's, under its last round.
+                    os.replace(self.run_dir / SUMMARY_FILE, kept)
+                atomic_write_text(self.run_dir / CONFIG_FILE, dump_config(cfg))
+                self._say(f"resuming {self.run_dir} at round {start_round}: {ROUNDS_FIELD} {extend_from} -> "
+                          f"{cfg.federation.rounds}" + (f" (the summary of its first {ck['round']} rounds is "
+                                                        f"kept as {kept.name})" if kept.exists() else ""))
+            elif start_round > cfg.federation.rounds:
                 self._say(f"resuming {self.run_dir}: all {cfg.federation.rounds} rounds are done, finishing the run")
             else:
                 self._say(f"resuming {self.run_dir} at round {start_round}")
