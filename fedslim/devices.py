@@ -47,11 +47,6 @@ class DevicePopulation:
                 len(self.tiers), size=self.num_clients, p=p / p.sum())}
         return self._round_cache[round_]
 
-    def clients_of(self, tier_name: str, round_: int = 0) -> list[int]:
-        idx = [i for i, t in enumerate(self.tiers) if t.name == tier_name]
-        a = self.assignment(round_)
-        return [c for c in range(self.num_clients) if int(a[c]) in idx]
-
     def client_time(self, tier: DeviceTier, bytes_down: int, bytes_up: int, train_macs: float) -> float:
         """Simulated seconds for one client: download + compute + upload."""
         return (bytes_down * 8 / (tier.down_mbps * 1e6) + train_macs / tier.macs_per_s
