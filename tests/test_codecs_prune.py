@@ -187,3 +187,42 @@ def test_compress_state_decoded_is_what_the_bytes_say() -> None:
         assert torch.equal(dec[n], again[n])
     assert torch.equal(dec["bn.running_var"], w["bn.running_var"])
     assert stats["bytes"] == len(payload)
+
+
+@pytest.mark.parametrize("kind", ["layer", "global", "filters", "channels", "filters_l2"])
+def test_masks_match_torch_nn_utils_prune_with_ties(kind: str) -> None:
+    """Equal magnitudes straddling the cut (quantized or repeated weights): torch.topk decides which are
+    pruned, and the masks must be torch's, not another choice with the same count."""
+    torch.manual_seed(1)
+    net = Net()
+    with torch.no_grad():
+        for m in (net.conv, net.fc, net.head):
+            m.weight.copy_(torch.randint(-3, 4, m.weight.shape).float() / 4)  # 7 levels: ties everywhere
+            m.weight[1] = m.weight[0]  # equal filters / rows: ties among slice norms too
+            m.weight[2] = -m.weight[0]
+            m.weight[:, 1] = m.weight[:, 0]
+    state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    params = [(net.conv, "weight"), (net.fc, "weight"), (net.head, "weight")]
+    amount = 0.3
+    if kind == "layer":
+        for m, p in params:
+            tprune.l1_unstructured(m, p, amount)
+        ours = magnitude_masks(state, amount)
+    elif kind == "global":
+        tprune.global_unstructured(params, pruning_method=tprune.L1Unstructured, amount=amount)
+        ours = magnitude_masks(state, amount, scope="global")
+    else:
+        dim, n = (1, 1) if kind == "channels" else (0, 2 if kind == "filters_l2" else 1)
+        for m, p in params:
+            tprune.ln_structured(m, p, amount, n=n, dim=dim)
+        ours = magnitude_masks(state, amount, structured=True, dim=dim, norm=n)
+    for name, mask in ours.items():
+        mod = getattr(net, name.split(".")[0])
+        assert torch.equal(mask, mod.weight_mask.bool()), name
+    # the codec stage prunes the same elements
+    _, out, _ = run(state, [{"name": "prune", "amount": amount, "scope": "global" if kind == "global" else "layer",
+                             "structured": kind not in ("layer", "global"),
+                             "dim": 1 if kind == "channels" else 0, "norm": 2 if kind == "filters_l2" else 1}],
+                    compressible=ours)
+    for name, mask in ours.items():
+        assert torch.equal(out[name] != 0, mask & (state[name] != 0)), name

@@ -10,8 +10,9 @@
 
 Elements that are already zero are the smallest, so pruning gives at least ``amount`` sparsity and
 exactly ``amount`` (rounded) on a tensor without zeros. The masks match ``torch.nn.utils.prune``
-(tested), computed with numpy. :func:`magnitude_masks` exposes the same masks
-for training with a fixed mask (HybridCompFL, AutoFLIP).
+(tested), ties included: where equal magnitudes straddle the cut, ``torch.topk`` settles which are
+taken, as torch does. :func:`magnitude_masks` exposes the same masks for training with a fixed mask
+(HybridCompFL, AutoFLIP).
 """
 
 from __future__ import annotations
@@ -70,22 +71,36 @@ def prune_count(amount: float, size: int) -> int:
 
 
 def _smallest(mag: np.ndarray, k: int) -> np.ndarray:
-    """``bool`` mask of the ``k`` smallest entries (ties broken by ``argpartition``)."""
+    """``bool`` mask of the ``k`` smallest entries, the ones ``torch.topk(mag, k, largest=False)`` picks.
+
+    Without a tie at the cut the set is unique and ``argpartition`` finds it fast; when the k-th
+    smallest value is shared by entries on both sides of the cut (a quantized tensor, equal weights),
+    which of them are taken is up to the selection algorithm, so that case asks ``torch.topk`` itself,
+    as ``torch.nn.utils.prune`` does (``argpartition`` breaks ties differently).
+    """
     out = np.zeros(mag.size, dtype=bool)
     if k >= mag.size:
         out[:] = True
     elif k > 0:
-        out[np.argpartition(mag, k - 1)[:k]] = True
+        thr = mag[np.argpartition(mag, k - 1)[k - 1]]
+        below = mag < thr
+        n_below = int(np.count_nonzero(below))
+        if n_below + int(np.count_nonzero(mag == thr)) == k:
+            out = below | (mag == thr)
+        else:
+            out[torch.topk(torch.from_numpy(np.ascontiguousarray(mag)), k, largest=False).indices.numpy()] = True
     return out
 
 
 def _keep_masks(arrays: dict[str, np.ndarray], amount: float, scope: str, structured: bool,
-                dim: int, norm: int) -> dict[str, np.ndarray]:
+                dim: int, norm: int, dtypes: dict[str, torch.dtype] | None = None) -> dict[str, np.ndarray]:
     """``True`` = kept, same shapes as ``arrays``; tensors the method does not apply to keep all.
 
     The counts and the choice (smallest ``|w|``, smallest slice norm) are those of
-    ``prune.L1Unstructured`` / ``prune.global_unstructured`` / ``prune.LnStructured``; it is numpy so
-    that a codec call does not wait on torch's thread pool for tiny tensors.
+    ``prune.L1Unstructured`` / ``prune.global_unstructured`` / ``prune.LnStructured``, ties included;
+    unstructured masks are numpy (a codec call need not wait on torch's thread pool for tiny tensors)
+    unless a tie at the cut needs ``torch.topk``. ``dtypes``: each tensor's own dtype, in which
+    structured slice norms are computed (float64 if not given).
     """
     masks: dict[str, np.ndarray] = {}
     if structured:
@@ -93,13 +108,22 @@ def _keep_masks(arrays: dict[str, np.ndarray], amount: float, scope: str, struct
             if a.ndim < 2 or a.size == 0:
                 masks[name] = np.ones(a.shape, dtype=bool)
                 continue
-            slices = np.moveaxis(np.abs(a), dim, 0).reshape(a.shape[dim], -1)
-            norms = slices.sum(axis=1) if norm == 1 else np.sqrt((slices * slices).sum(axis=1))
-            # LnStructured keeps the largest (size - k) slices; dropping the k smallest is the same set
-            drop = _smallest(norms, prune_count(amount, a.shape[dim]))
+            # LnStructured's own computation: the slice norms in the tensor's dtype (float32 sums round
+            # differently from float64 ones, which can reorder nearly equal slices), then torch.topk
+            # keeping the largest (size - k), which also settles ties among equal norms as it does.
+            t = torch.from_numpy(a).to(dtypes.get(name, torch.float64) if dtypes else torch.float64)
+            dims = [d for d in range(a.ndim) if d != dim]
+            norms = torch.linalg.vector_norm(t, ord=norm, dim=dims)
+            size = a.shape[dim]
+            keep = np.zeros(size, dtype=bool)
+            n_keep = size - prune_count(amount, size)
+            if n_keep == size:
+                keep[:] = True
+            elif n_keep > 0:
+                keep[torch.topk(norms, n_keep, largest=True).indices.numpy()] = True
             shape = [1] * a.ndim
-            shape[dim] = a.shape[dim]
-            masks[name] = np.broadcast_to(~drop.reshape(shape), a.shape).copy()
+            shape[dim] = size
+            masks[name] = np.broadcast_to(keep.reshape(shape), a.shape).copy()
         return masks
     if scope == "layer":
         for name, a in arrays.items():
@@ -127,7 +151,7 @@ def magnitude_masks(state: State, amount: float, scope: str = "layer",
     names = weight_names(state) if compressible is None else set(compressible)
     tensors = {n: t.detach() for n, t in state.items() if n in names and t.is_floating_point()}
     arrays = {n: t.to("cpu", torch.float64).numpy() for n, t in tensors.items()}
-    masks = _keep_masks(arrays, amount, scope, structured, dim, norm)
+    masks = _keep_masks(arrays, amount, scope, structured, dim, norm, {n: t.dtype for n, t in tensors.items()})
     return {n: torch.from_numpy(m).to(tensors[n].device) for n, m in masks.items()}
 
 
@@ -142,7 +166,7 @@ class Prune(Stage):
     def apply(self, works: list[Work], ctx: CodecContext, report: Report) -> None:
         p = self.params
         keep = _keep_masks({w.name: w.values.reshape(w.shape) for w in works}, p.amount, p.scope,
-                           p.structured, p.dim, p.norm)
+                           p.structured, p.dim, p.norm, {w.name: w.dtype for w in works})
         for w in works:
             w.zero_out(~keep[w.name].reshape(-1))
         report.ask_sparsity(p.amount)
