@@ -8,8 +8,9 @@ Rules, so that a doc block is checked or skipped visibly, never by a caught erro
 * A yaml block that is deliberately not a config (a fragment, an output) either takes another tag
   (```text, ```json, or none) or starts with the line ``# docs-test: skip (<why>)``; such blocks are
   reported as skipped tests with that reason.
-* Every ``fedslim <subcommand> ...`` in README.md's code (fenced blocks and `inline` spans) names a
-  subcommand of ``fedslim.cli.build_parser()``, and nested ones (``fedslim data verify``) exist too.
+* Every ``fedslim <subcommand> ...`` in the code (fenced blocks and `inline` spans) of README.md and
+  docs/*.md names a subcommand of ``fedslim.cli.build_parser()``, and nested ones (``fedslim data
+  verify``) exist too.
   The command lines of README.md's fenced bash blocks, and its inline spans that are a whole
   ``fedslim ...`` command, parse with that parser as written.
 * Every ``examples/*.yaml`` a doc names in its code exists and loads with ``load_config``.
@@ -93,27 +94,29 @@ def fedslim_commands(code: str) -> list[list[str]]:
     return [m.group(1).split() for m in _COMMAND.finditer(code)]
 
 
-def _readme_code() -> list[str]:
-    readme = ROOT / "README.md"
-    return [body for _, _, body in fenced_blocks(readme)] + inline_spans(readme)
+def _code(path: Path) -> list[str]:
+    return [body for _, _, body in fenced_blocks(path)] + inline_spans(path)
 
 
-README_COMMANDS = sorted({tuple(words) for code in _readme_code() for words in fedslim_commands(code)})
+# (file, words after fedslim): README.md first, then the pages in docs/, which name commands too.
+DOC_COMMANDS = sorted({(_rel(p), tuple(words)) for p in DOCS for code in _code(p) for words in fedslim_commands(code)})
 
 
 def test_readme_names_fedslim_commands() -> None:
-    assert {c[0] for c in README_COMMANDS} >= {"run", "list", "config", "report", "data"}, README_COMMANDS
+    readme = {words[0] for where, words in DOC_COMMANDS if where == "README.md"}
+    assert readme >= {"run", "list", "config", "report", "data"}, DOC_COMMANDS
 
 
-@pytest.mark.parametrize("words", README_COMMANDS, ids=[" ".join(c) for c in README_COMMANDS])
-def test_readme_subcommand_exists(words: tuple[str, ...]) -> None:
+@pytest.mark.parametrize("where,words", DOC_COMMANDS, ids=[f"{w}:{' '.join(c)}" for w, c in DOC_COMMANDS])
+def test_named_subcommand_exists(where: str, words: tuple[str, ...]) -> None:
     parser = build_parser()
     path = ["fedslim"]
     subs = _subparsers(parser)
     for word in words:
         if not subs:
             break  # a leaf command: the remaining words are its arguments
-        assert word in subs, f"README names `{' '.join(path)} {word}`, but {' '.join(path)} has only {sorted(subs)}"
+        assert word in subs, (f"{where} names `{' '.join(path)} {word}`, but {' '.join(path)} has only "
+                              f"{sorted(subs)}")
         path.append(word)
         subs = _subparsers(subs[word])
 
@@ -187,3 +190,30 @@ def test_doc_example_exists_and_loads(name: str) -> None:
     path = ROOT / name
     assert path.is_file(), f"a doc names {name}, which does not exist"
     load_config(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# --set overrides shown on their own
+
+
+def _override_spans() -> list[str]:
+    """Inline spans of README.md and docs/*.md made only of ``--set KEY=VALUE`` pairs."""
+    spans = {s for p in DOCS for s in inline_spans(p) if re.fullmatch(r"(--set \S+=\S+ ?)+", s)}
+    return sorted(spans)
+
+
+OVERRIDE_SPANS = _override_spans()
+
+
+def test_docs_show_overrides() -> None:
+    assert len(OVERRIDE_SPANS) >= 2, OVERRIDE_SPANS
+
+
+@pytest.mark.parametrize("span", OVERRIDE_SPANS)
+def test_override_span_applies_to_the_default_config(span: str) -> None:
+    # Partial algorithm.params overrides are checked against the algorithm the doc means; without
+    # one, against the default (FedAvg), so this takes only overrides outside algorithm.params.
+    overrides = shlex.split(span)[1::2]
+    if any(o.startswith("algorithm.params.") for o in overrides):
+        pytest.skip(f"{span}: algorithm.params of an algorithm the span does not name")
+    load_config(None, overrides)
