@@ -14,6 +14,10 @@ Rules, so that a doc block is checked or skipped visibly, never by a caught erro
   The command lines of README.md's fenced bash blocks, and its inline spans that are a whole
   ``fedslim ...`` command, parse with that parser as written.
 * Every ``examples/*.yaml`` a doc names in its code exists and loads with ``load_config``.
+* Inline spans made only of ``--set KEY=VALUE`` pairs load on top of the default config (those that
+  set ``algorithm.params`` of an algorithm they do not name are reported as skipped).
+* docs/heterofl.md's ``| parameter | default | meaning |`` table lists every field of HeteroFL's
+  Params, in order, each with the code's default.
 """
 
 from __future__ import annotations
@@ -217,3 +221,46 @@ def test_override_span_applies_to_the_default_config(span: str) -> None:
     if any(o.startswith("algorithm.params.") for o in overrides):
         pytest.skip(f"{span}: algorithm.params of an algorithm the span does not name")
     load_config(None, overrides)
+
+
+# ---------------------------------------------------------------------------------------------
+# parameter tables
+
+
+def _parameter_table(path: Path) -> list[tuple[str, str]]:
+    """(name, default cell) of the rows of the ``| parameter | default | meaning |`` table in ``path``."""
+    rows, inside = [], False
+    for line in path.read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")] if line.startswith("|") else []
+        if cells[:2] == ["parameter", "default"]:
+            inside = True
+        elif inside and not cells:
+            break
+        elif inside and not set(cells[0]) <= set("-: "):
+            rows.append((cells[0].strip("`"), cells[1]))
+    return rows
+
+
+def _doc_value(cell: str) -> object:
+    """A default as the table writes it: `true`, 500, none, `{a: 1, b: 1/2}`."""
+    text = cell.strip("`")
+    if text == "none":
+        return None
+    return yaml.safe_load(re.sub(r"\b(\d+)/(\d+)\b", lambda m: str(int(m[1]) / int(m[2])), text))
+
+
+HETEROFL_TABLE = _parameter_table(ROOT / "docs" / "heterofl.md")
+
+
+def test_heterofl_table_lists_every_parameter() -> None:
+    from fedslim.algorithms.heterofl import HeteroFLParams
+
+    assert [name for name, _ in HETEROFL_TABLE] == list(HeteroFLParams.model_fields)
+
+
+@pytest.mark.parametrize("name,cell", HETEROFL_TABLE, ids=[n for n, _ in HETEROFL_TABLE])
+def test_heterofl_table_default_is_the_code_default(name: str, cell: str) -> None:
+    from fedslim.algorithms.heterofl import HeteroFLParams
+
+    field = HeteroFLParams.model_fields[name]
+    assert _doc_value(cell) == field.get_default(call_default_factory=True), f"docs/heterofl.md: {name}"
