@@ -116,3 +116,44 @@ def test_bad_bits_message_shows_the_value_once(tiny_cfg: dict, bad: object, show
         validate(_cfg(tiny_cfg, "x", {"name": "quantfl", "params": {"bits": bad}}))
     assert str(e.value) == ("algorithm.params.bits: must be an integer from 1 to 16, or 32 for no quantization "
                             f"(got {shown})")
+
+
+def test_the_update_is_quantized_not_the_weights(tiny_cfg: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the uplink quantizer encodes is local minus received weights, and the server adds the mean of
+    what it decodes to the global model (FedAvg on quantized deltas), not a mean of quantized weights."""
+    cfg = _cfg(tiny_cfg, "delta", {"name": "quantfl", "params": {"bits": 4, "rounding": "nearest"}})
+    seen: list[tuple[dict, dict]] = []  # (what the client encoded, what the server decoded)
+    encode, decode, aggregate = Pipeline.encode, Pipeline.decode, QuantFL.aggregate
+
+    def record_encode(self: Pipeline, tensors: dict, ctx: CodecContext) -> bytes:
+        seen.append(({k: v.clone() for k, v in tensors.items()}, {}))
+        return encode(self, tensors, ctx)
+
+    def record_decode(self: Pipeline, payload: bytes, ctx: CodecContext | None = None) -> dict:
+        out = decode(self, payload, ctx)
+        seen[-1][1].update({k: v.clone() for k, v in out.items()})
+        return out
+
+    before: list[dict] = []
+
+    def record_aggregate(self: QuantFL, round_: int, tasks: list, results: list) -> dict:
+        before.append({k: v.clone() for k, v in self.state.items()})
+        start = len(seen) - len(results)
+        out = aggregate(self, round_, tasks, results)
+        n = torch.tensor([float(r.num_samples) for r in results], dtype=torch.float64)
+        for k, v in self.state.items():
+            if v.is_floating_point():  # the global model moved by the weighted mean of the decoded deltas
+                mean = sum(w * seen[start + i][1][k].double() for i, w in enumerate((n / n.sum()).tolist()))
+                assert torch.allclose(v.double() - before[-1][k].double(), mean, atol=1e-6), k
+        return out
+
+    monkeypatch.setattr(Pipeline, "encode", record_encode)
+    monkeypatch.setattr(Pipeline, "decode", record_decode)
+    monkeypatch.setattr(QuantFL, "aggregate", record_aggregate)
+    Runner(validate(cfg)).run()
+    assert seen and len(before) == tiny_cfg["federation"]["rounds"]
+    big = next(k for k, v in before[0].items() if v.dim() == 2)
+    for _sent, got in seen:
+        assert len(torch.unique(got[big])) <= 2 ** 4 - 1  # on the 4-bit grid
+    # one epoch's update is far smaller than the weights themselves: it is the delta that was encoded
+    assert seen[0][0][big].abs().max() < 0.5 * before[0][big].abs().max()
