@@ -205,7 +205,8 @@ def combine(state: State, contributions: Iterable[Contribution], output_keys: It
     Returns a delta shaped like ``state`` (zero where no client held the element), so the new model
     is ``state + delta`` and a server optimizer can act on it. Accumulated in float64; each term is
     ``delta * (w / total_w)`` in client order, which with every client holding everything is exactly
-    :func:`fedslim.algorithms.aggregate.mean_delta`'s arithmetic (so rate-1 HeteroFL equals FedAvg).
+    :func:`fedslim.algorithms.aggregate.mean_delta`'s arithmetic, weighted or not (so rate-1 HeteroFL equals
+    FedAvg bit for bit).
     """
     contributions = [c for c in contributions if c.weight > 0]
     outs = set(output_keys)
@@ -222,7 +223,10 @@ def combine(state: State, contributions: Iterable[Contribution], output_keys: It
             cnt[index] += w
         acc = torch.zeros(ref.shape, dtype=torch.float64)
         for index, vals, w in placed:
-            acc[index] += vals.to("cpu", torch.float64) * (w / cnt[index])
+            total = cnt[index]
+            # A true division: ``w / tensor`` is computed as ``tensor.reciprocal() * w``, one rounding
+            # more, which put weighted runs a last bit away from FedAvg's ``w / w.sum()``.
+            acc[index] += vals.to("cpu", torch.float64) * torch.full_like(total, w).div_(total)
         delta[k] = acc.to(ref.dtype) if ref.is_floating_point() else acc.round().to(ref.dtype)
     return delta
 
