@@ -219,3 +219,28 @@ def test_rate_one_heterofl_on_iid_data_needs_only_static_bn_off_to_equal_fedavg(
                     partition=iid))
     for k in fed.algo.state:
         assert torch.equal(fed.algo.state[k], het.algo.state[k]), k
+
+
+def test_static_bn_trains_exactly_as_fedavg_without_running_statistics(tmp_path):
+    """Static BN changes training only by dropping the running statistics: a rate-1 run with static BN
+    on trains the same model as FedAvg with model.options.track_running_stats: false (evaluation
+    differs: HeteroFL installs queried statistics, while such a FedAvg model normalises with test-batch
+    statistics)."""
+    fed = _run(_cfg(tmp_path, "fedavg", "fedavg", {}, clients=8, federation={"weighted": False},
+                    model={"options": {"track_running_stats": False}}))
+    het = _run(_cfg(tmp_path, "het", "heterofl", {"model_split": "a1", "masked_loss": False, "label_rows": False},
+                    clients=8))
+    a, b = fed.algo.state, het.algo.state
+    assert set(a) == set(b) and not any("running" in k for k in b)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_a_single_narrow_level_is_fedavg_at_that_width(tmp_path):
+    """'e1' trains a global model of width model.width / 16 (the reference's global rate is the first
+    letter's): the same as FedAvg with that model.width."""
+    fed = _run(_cfg(tmp_path, "fedavg", "fedavg", {}, clients=8, width=0.25 / 16, federation={"weighted": False}))
+    het = _run(_cfg(tmp_path, "het", "heterofl", {"model_split": "e1", "static_bn": False, "masked_loss": False,
+                                                   "label_rows": False}, clients=8))
+    for k in fed.algo.state:
+        assert torch.equal(fed.algo.state[k], het.algo.state[k]), k
