@@ -272,3 +272,16 @@ def test_verify_says_when_a_file_is_the_other_datasets(tmp_path: Path) -> None:
     assert not ok and msg.startswith("this is the fmnist file, not mnist (its checksum matches fmnist's); "
                                      "checksum mismatch")
     assert all(ok for name, (ok, _) in results.items() if name != LABELS)
+
+
+@needs_shared
+def test_cli_verify_finds_the_data_folder_as_the_loader_does(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    # It required --data-dir while `data info` and runs fall back to $FEDSLIM_DATA, then ./data.
+    monkeypatch.setenv("FEDSLIM_DATA", str(SHARED))
+    assert run_cli("data", "verify", "mnist") == 0
+    assert f"ok    {SHARED / 'mnist'}" in capsys.readouterr().out
+    monkeypatch.delenv("FEDSLIM_DATA")
+    monkeypatch.chdir(tmp_path)
+    assert run_cli("data", "verify", "mnist") == 1  # ./data, which holds no MNIST
+    assert "not found: looked for train-images-idx3-ubyte[.gz] etc. in data/mnist" in capsys.readouterr().err

@@ -109,7 +109,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         DATASETS.get(name, field="dataset")  # an unknown name is an error, a known one has no files
         print(f"{name}: no files to verify (built in or user-provided)")
         return 0
-    results = download.verify(name, Path(args.data_dir))
+    results = download.verify(name, datasets.resolve_root(args.data_dir))
     bad = 0
     for path, ok, msg in results:
         bad += not ok
@@ -150,6 +150,7 @@ def add_data_commands(subparsers: Any) -> argparse.ArgumentParser:
 
     s = sub.add_parser("verify", help="check a dataset's files against the known checksums")
     s.add_argument("name")
-    s.add_argument("--data-dir", metavar="DIR", required=True, help="data folder holding the dataset")
+    s.add_argument("--data-dir", metavar="DIR",
+                   help="data folder holding the dataset (default: $FEDSLIM_DATA, else ./data, as the loader)")
     s.set_defaults(func=_guard(_cmd_verify))
     return p
