@@ -85,3 +85,25 @@ def test_a_rounds_change_that_would_rewrite_trained_rounds_is_refused(tmp_path: 
     assert main(["run", str(p), "-q", "--resume", "--rounds", "5", "--set", "train.batch_size=8"]) == 2
     err = capsys.readouterr().err
     assert "another config: train.batch_size: 16 in the checkpoint, 8 now" in err
+
+
+def test_continued_twice_with_eval_every_keeps_each_old_last_row(tmp_path: Path, tiny_cfg: dict) -> None:
+    # Each old last round was evaluated (a last round always is); resuming past it must accept that row,
+    # not take it for an edited metrics.jsonl, and then write exactly an uninterrupted run's later rows.
+    tiny_cfg["eval"] = {"every": 3}
+    out = Path(tiny_cfg["output_dir"])
+    part, full = _write(tmp_path, tiny_cfg, "part"), _write(tmp_path, tiny_cfg, "full")
+    for rounds, extra in (("2", []), ("4", ["--resume"]), ("7", ["--resume"])):
+        assert main(["run", str(part), "-q", "--rounds", rounds, *extra]) == 0
+    assert main(["run", str(full), "-q", "--rounds", "7"]) == 0
+    rows = {n: [json.loads(ln) for ln in (out / n / "metrics.jsonl").read_text().splitlines()]
+            for n in ("part", "full")}
+    assert [r["round"] for r in rows["part"]] == [2, 3, 4, 6, 7]
+    assert [r["round"] for r in rows["full"]] == [3, 6, 7]
+    by_round = {r["round"]: r for r in rows["part"]}
+    for r in rows["full"]:  # same model and totals; per-row bytes differ only where a row was split
+        mine = by_round[r["round"]]
+        assert mine["eval"] == r["eval"]
+        assert (mine["cum_bytes_up"], mine["sim_time_s"]) == (r["cum_bytes_up"], r["sim_time_s"])
+    assert sorted(p.name for p in (out / "part").glob("summary_round_*")) == ["summary_round_2.json",
+                                                                             "summary_round_4.json"]

@@ -293,12 +293,15 @@ class Runner:
             if f.name.endswith(".tmp") and any(f.name.startswith(f".{n}.") for n in ours) and f.is_file():
                 f.unlink(missing_ok=True)
 
-    def _check_metrics_cover(self, rows: list[dict[str, Any]], ck_round: int) -> None:
+    def _check_metrics_cover(self, rows: list[dict[str, Any]], ck: dict[str, Any], last: int) -> None:
         """A resumed run carries on from the rows it already wrote: each round the checkpoint has passed
         that was evaluated must be there, or the resumed metrics.jsonl and summary.json would go without
-        them (and without their bytes and simulated time) while looking complete."""
-        every, last = self.cfg.eval.every, self.cfg.federation.rounds
-        want = [r for r in range(1, ck_round + 1) if r % every == 0 or r == last]
+        them (and without their bytes and simulated time) while looking complete. ``last``: the last round
+        of the run that wrote the checkpoint (a run continued to another total evaluated its old last)."""
+        ck_round = ck["round"]
+        want = ck.get("evaluated")  # recorded since runs could be continued; before, implied by the config
+        if not isinstance(want, list):
+            want = [r for r in range(1, ck_round + 1) if r % self.cfg.eval.every == 0 or r == last]
         have = [r.get("round") for r in rows]
         if have != want:
             path = self.run_dir / METRICS_FILE
@@ -467,7 +470,7 @@ class Runner:
             if ck.get("codec_tally") is not None:
                 self.tally = ck["codec_tally"]
             rows = [r for r in read_jsonl(self.run_dir / METRICS_FILE) if r.get("round", 0) <= ck["round"]]
-            self._check_metrics_cover(rows, ck["round"])
+            self._check_metrics_cover(rows, ck, extend_from or cfg.federation.rounds)
             timings = [r for r in read_jsonl(self.run_dir / TIMINGS_FILE) if r["round"] <= ck["round"]]
             if start_round > cfg.federation.rounds and (self.run_dir / SUMMARY_FILE).exists():
                 # Finished: running finalize again (HybridCompFL deploys to every device) would only
@@ -556,7 +559,8 @@ class Runner:
                         "version": CHECKPOINT_VERSION, "round": rnd, "config": _comparable(cfg),
                         "algorithm": self.algo.state_dict(), "codec_up": self.codec_up.state_dict(),
                         "codec_down": self.codec_down.state_dict(), "cumulative": dict(cum),
-                        "pending_comm": list(pending_comm), "codec_tally": self.tally})
+                        "pending_comm": list(pending_comm), "codec_tally": self.tally,
+                        "evaluated": [r["round"] for r in rows]})
                 if bar is not None:
                     bar.update(1)
             if bar is not None:
