@@ -77,6 +77,13 @@ def test_a_e_noniid_run_evaluates_every_level_with_queried_bn_and_local_accuracy
     assert s["levels"]["a"]["params"] > 50 * s["levels"]["e"]["params"]
     assert s["models"]["e"]["params"] == s["levels"]["e"]["params"]
     assert s["local"]["all"]["n"] > 0
+    # local metrics per level too (a model_split's levels are not the device tiers, of which there is one)
+    assert set(s["local"]) == {"all", "a", "e"}
+    loc = s["local"]
+    assert loc["a"]["clients"] + loc["e"]["clients"] == loc["all"]["clients"] == 8
+    assert loc["a"]["n"] + loc["e"]["n"] == loc["all"]["n"]
+    assert loc["all"]["acc"] == pytest.approx((loc["a"]["acc"] * loc["a"]["n"] + loc["e"]["acc"] * loc["e"]["n"])
+                                              / loc["all"]["n"])
     assert s["bn_query"]["queries"] == 2 and s["bn_query"]["bytes_down"] > 0 and s["bn_query"]["bytes_up"] > 0
     rows = _rows(r)
     assert all(row["bn_query"]["clients"] == 8 for row in rows)

@@ -293,6 +293,13 @@ class HeteroFL(Algorithm):
     def level_of(self, round_: int, client: int) -> str:
         return self.labels[int(self.level_index(round_)[client])]
 
+    def local_groups(self, round_: int, clients: list[int]) -> dict[str, list[int]] | None:
+        """Local metrics per level when a model_split sets the levels (else levels are the device
+        tiers, which the engine groups by already)."""
+        if self.params.model_split is None:
+            return None
+        return {label: [c for c in clients if self.level_of(round_, c) == label] for label in self.labels}
+
     def client_labels(self, client: int) -> torch.Tensor | None:
         """Bool mask of the client's labels, or None when it holds every class."""
         mask = self.ctx.store.client_labels(client)

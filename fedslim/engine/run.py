@@ -370,13 +370,23 @@ class Runner:
             results = self.backend.run(self.algo.local_eval_tasks(round_, clients))
             per = {r.client: r.extras["metrics"] for r in results}
             local: dict[str, Any] = {"all": mean_metrics(list(per.values()))}
-            tiers = self.devices.assignment(round_)
-            for ti, tier in enumerate(self.devices.tiers):
-                members = [per[c] for c in clients if int(tiers[c]) == ti and c in per]
-                if members and len(self.devices.tiers) > 1:
-                    local[tier.name] = mean_metrics(members)
+            groups = self._local_groups(round_, clients)
+            for name, group in groups.items():
+                members = [per[c] for c in group if c in per]
+                if members and len(groups) > 1:
+                    local[name] = mean_metrics(members)
             out["local"] = local
         return out
+
+    def _local_groups(self, round_: int, clients: list[int]) -> dict[str, list[int]]:
+        """Clients whose local metrics are also reported together: the algorithm's groups where it has
+        its own (``local_groups``: HeteroFL's levels when they are not the device tiers), else the tiers."""
+        hook = getattr(self.algo, "local_groups", None)
+        groups = hook(round_, clients) if callable(hook) else None
+        if groups is not None:
+            return groups
+        tiers = self.devices.assignment(round_)
+        return {t.name: [c for c in clients if int(tiers[c]) == ti] for ti, t in enumerate(self.devices.tiers)}
 
     # ------------------------------------------------------------------ main loop
     def run(self) -> dict[str, Any]:
