@@ -63,25 +63,30 @@ class Net(nn.Module):
         self.head = nn.Linear(30, 10)
 
 
+def _ours_after_torch_pruned(net: Net, state: dict, amount: float, kind: str) -> dict:
+    """Prune ``net``'s weights with torch.nn.utils.prune as ``kind`` says (leaving ``weight_mask`` on each
+    module), and return magnitude_masks of ``state`` for the same setting."""
+    params = [(net.conv, "weight"), (net.fc, "weight"), (net.head, "weight")]
+    if kind == "layer":
+        for m, p in params:
+            tprune.l1_unstructured(m, p, amount)
+        return magnitude_masks(state, amount)
+    if kind == "global":
+        tprune.global_unstructured(params, pruning_method=tprune.L1Unstructured, amount=amount)
+        return magnitude_masks(state, amount, scope="global")
+    dim, n = (1, 1) if kind == "channels" else (0, 2 if kind == "filters_l2" else 1)
+    for m, p in params:
+        tprune.ln_structured(m, p, amount, n=n, dim=dim)
+    return magnitude_masks(state, amount, structured=True, dim=dim, norm=n)
+
+
 @pytest.mark.parametrize("kind", ["layer", "global", "filters", "channels", "filters_l2"])
 def test_masks_match_torch_nn_utils_prune(kind: str) -> None:
     torch.manual_seed(0)
     net = Net()
     state = {k: v.detach().clone() for k, v in net.state_dict().items()}
-    params = [(net.conv, "weight"), (net.fc, "weight"), (net.head, "weight")]
     amount = 0.4
-    if kind == "layer":
-        for m, p in params:
-            tprune.l1_unstructured(m, p, amount)
-        ours = magnitude_masks(state, amount)
-    elif kind == "global":
-        tprune.global_unstructured(params, pruning_method=tprune.L1Unstructured, amount=amount)
-        ours = magnitude_masks(state, amount, scope="global")
-    else:
-        dim, n = (1, 1) if kind == "channels" else (0, 2 if kind == "filters_l2" else 1)
-        for m, p in params:
-            tprune.ln_structured(m, p, amount, n=n, dim=dim)
-        ours = magnitude_masks(state, amount, structured=True, dim=dim, norm=n)
+    ours = _ours_after_torch_pruned(net, state, amount, kind)
     assert set(ours) == {"conv.weight", "fc.weight", "head.weight"}
     for name, mask in ours.items():
         mod = getattr(net, name.split(".")[0])
@@ -202,20 +207,8 @@ def test_masks_match_torch_nn_utils_prune_with_ties(kind: str) -> None:
             m.weight[2] = -m.weight[0]
             m.weight[:, 1] = m.weight[:, 0]
     state = {k: v.detach().clone() for k, v in net.state_dict().items()}
-    params = [(net.conv, "weight"), (net.fc, "weight"), (net.head, "weight")]
     amount = 0.3
-    if kind == "layer":
-        for m, p in params:
-            tprune.l1_unstructured(m, p, amount)
-        ours = magnitude_masks(state, amount)
-    elif kind == "global":
-        tprune.global_unstructured(params, pruning_method=tprune.L1Unstructured, amount=amount)
-        ours = magnitude_masks(state, amount, scope="global")
-    else:
-        dim, n = (1, 1) if kind == "channels" else (0, 2 if kind == "filters_l2" else 1)
-        for m, p in params:
-            tprune.ln_structured(m, p, amount, n=n, dim=dim)
-        ours = magnitude_masks(state, amount, structured=True, dim=dim, norm=n)
+    ours = _ours_after_torch_pruned(net, state, amount, kind)
     for name, mask in ours.items():
         mod = getattr(net, name.split(".")[0])
         assert torch.equal(mask, mod.weight_mask.bool()), name
