@@ -276,3 +276,19 @@ def test_report_shows_the_deployment_beside_training_downlink(plain_run: tuple[d
     # the table's 'down' stays the training rounds' bytes
     row = next(ln for ln in text.splitlines() if ln.startswith(run.name + " "))
     assert _fmt_bytes(rows[-1]["cum_bytes_down"]) in row
+
+
+def test_printed_local_rows_say_which_model_each_scores(tiny_cfg: dict) -> None:
+    import io
+
+    cfg = _cfg(tiny_cfg, "loc", write_rungs=False)
+    cfg["data"]["local_test_fraction"] = 0.25
+    cfg["eval"] = {"local": True}
+    out = io.StringIO()
+    summary = Runner(validate(cfg), out=out).run()
+    text = out.getvalue()
+    # the table's local/mid row (global model) and the tier table's 'local acc' (served rung) differ in
+    # what they measure, and the printout says so
+    assert "local/mid" in text and summary["local"]["mid"]["n"] == summary["tiers"]["mid"]["local"]["n"] > 0
+    assert ("local acc here: each device's served rung; the local/<tier> rows of the table above score the "
+            "global (dense) model on the same tiers' local test splits") in text

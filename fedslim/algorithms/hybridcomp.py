@@ -597,6 +597,11 @@ class HybridCompFL(FedAvg):
         if memory:
             lines.append("memory = encoded rung + float32 activations of batch-1 inference; budget = memory_mb "
                          "in bytes (10^6 per MB)")
+        if self.ctx.cfg.eval.local:
+            # Same tier names, different models: without this the two local figures of a tier read as
+            # one measurement that disagrees with itself.
+            lines.append("local acc here: each device's served rung; the local/<tier> rows of the table above "
+                         "score the global (dense) model on the same tiers' local test splits")
         d = s["deployment"]
         lines.append(f"deployment: {d['served']} devices served, {d['unserved']} unserved, "
                      f"{d['bytes_down']:,} bytes sent to constrained devices")
