@@ -597,7 +597,7 @@ class HybridCompFL(FedAvg):
         if memory:
             lines.append("memory = encoded rung + float32 activations of batch-1 inference; budget = memory_mb "
                          "in bytes (10^6 per MB)")
-        if self.ctx.cfg.eval.local:
+        if s.get("local"):  # eval.local was on
             # Same tier names, different models: without this the two local figures of a tier read as
             # one measurement that disagrees with itself.
             lines.append("local acc here: each device's served rung; the local/<tier> rows of the table above "
