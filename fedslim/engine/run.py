@@ -521,7 +521,11 @@ class Runner:
             for rnd in range(start_round, cfg.federation.rounds + 1):
                 t0 = time.perf_counter()
                 eligible = getattr(self.algo, "eligible_clients", None)
-                cohort = sample_cohort(cfg.seed, rnd, self.ctx.num_clients, cfg.federation.participation,
+                # An algorithm may sample another share in some rounds (AutoFLIP's explorers).
+                share = getattr(self.algo, "participation", None)
+                rate = share(rnd) if callable(share) else None
+                cohort = sample_cohort(cfg.seed, rnd, self.ctx.num_clients,
+                                       cfg.federation.participation if rate is None else rate,
                                        eligible(rnd) if callable(eligible) else None)
                 tasks = self.algo.plan(rnd, cohort)
                 down = self._downlink(rnd, tasks)
