@@ -16,13 +16,14 @@ Rules, so that a doc block is checked or skipped visibly, never by a caught erro
 * Every ``examples/*.yaml`` a doc names in its code exists and loads with ``load_config``.
 * Inline spans made only of ``--set KEY=VALUE`` pairs load on top of the default config (those that
   set ``algorithm.params`` of an algorithm they do not name are reported as skipped).
-* docs/heterofl.md's ``| parameter | default | meaning |`` table lists every field of HeteroFL's
-  Params, in order, each with the code's default.
+* The ``| parameter | default | meaning |`` tables of docs/heterofl.md and docs/autoflip.md list every
+  field of their algorithm's Params, in order, each with the code's default.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import itertools
 import re
 import shlex
@@ -249,18 +250,23 @@ def _doc_value(cell: str) -> object:
     return yaml.safe_load(re.sub(r"\b(\d+)/(\d+)\b", lambda m: str(int(m[1]) / int(m[2])), text))
 
 
-HETEROFL_TABLE = _parameter_table(ROOT / "docs" / "heterofl.md")
+def _params_model(dotted: str) -> type:
+    module, _, name = dotted.rpartition(".")
+    return getattr(importlib.import_module(module), name)
 
 
-def test_heterofl_table_lists_every_parameter() -> None:
-    from fedslim.algorithms.heterofl import HeteroFLParams
+# Each algorithm page's parameter table, against the pydantic model that validates the parameters.
+PARAMETER_TABLES = {"docs/heterofl.md": "fedslim.algorithms.heterofl.HeteroFLParams",
+                    "docs/autoflip.md": "fedslim.algorithms.autoflip.AutoFLIPParams"}
+TABLE_ROWS = [(doc, name, cell) for doc in PARAMETER_TABLES for name, cell in _parameter_table(ROOT / doc)]
 
-    assert [name for name, _ in HETEROFL_TABLE] == list(HeteroFLParams.model_fields)
+
+@pytest.mark.parametrize("doc", list(PARAMETER_TABLES))
+def test_parameter_table_lists_every_parameter(doc: str) -> None:
+    assert [name for name, _ in _parameter_table(ROOT / doc)] == list(_params_model(PARAMETER_TABLES[doc]).model_fields)
 
 
-@pytest.mark.parametrize("name,cell", HETEROFL_TABLE, ids=[n for n, _ in HETEROFL_TABLE])
-def test_heterofl_table_default_is_the_code_default(name: str, cell: str) -> None:
-    from fedslim.algorithms.heterofl import HeteroFLParams
-
-    field = HeteroFLParams.model_fields[name]
-    assert _doc_value(cell) == field.get_default(call_default_factory=True), f"docs/heterofl.md: {name}"
+@pytest.mark.parametrize("doc,name,cell", TABLE_ROWS, ids=[f"{d}:{n}" for d, n, _ in TABLE_ROWS])
+def test_parameter_table_default_is_the_code_default(doc: str, name: str, cell: str) -> None:
+    field = _params_model(PARAMETER_TABLES[doc]).model_fields[name]
+    assert _doc_value(cell) == field.get_default(call_default_factory=True), f"{doc}: {name}"
