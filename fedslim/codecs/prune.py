@@ -12,7 +12,7 @@ Elements that are already zero are the smallest, so pruning gives at least ``amo
 exactly ``amount`` (rounded) on a tensor without zeros. The masks match ``torch.nn.utils.prune``
 (tested), ties included: where equal magnitudes straddle the cut, ``torch.topk`` settles which are
 taken, as torch does. :func:`magnitude_masks` exposes the same masks for training with a fixed mask
-(HybridCompFL, AutoFLIP).
+(HybridCompFL; AutoFLIP ranks by learning spread instead, :mod:`fedslim.algorithms.autoflip`).
 """
 
 from __future__ import annotations
