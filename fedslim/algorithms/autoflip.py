@@ -48,7 +48,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from fedslim.algorithms.fedavg import FedAvg
-from fedslim.codecs import Codec, Pipeline
+from fedslim.codecs import Codec, Pipeline, build_pipeline
 from fedslim.config import RunConfig
 from fedslim.engine.task import ClientResult, ClientTask, State
 from fedslim.registry import ALGORITHMS
@@ -156,13 +156,17 @@ class AutoFLIP(FedAvg):
                              f"all_float")
         self.mask: State | None = None
         self.mask_stats: dict[str, Any] = {}
+        self.mask_note: str | None = None
         # Pruned zeros are left out on the wire only by the pipeline's encoding; the exact codec is dense.
         cfg = self.ctx.cfg
         self.down: Codec | None = None if cfg.codec.down else sparse_float32()
 
-    def uplink_codec(self) -> Codec | None:
-        """The sparse-aware float32 encoding when ``codec.up`` is empty (else the engine builds codec.up)."""
-        return None if self.ctx.cfg.codec.up else sparse_float32()
+    def uplink_codec(self) -> Codec:
+        """The sparse-aware float32 encoding when ``codec.up`` is empty, else ``codec.up`` as configured. Kept
+        here so that the exploration's error-feedback residuals can be dropped once the mask is built."""
+        up = self.ctx.cfg.codec.up
+        self.up: Codec = build_pipeline([s.model_dump() for s in up], "codec.up") if up else sparse_float32()
+        return self.up
 
     def participation(self, round_: int) -> float | None:
         """The explorers' share in the exploration round; the configured participation otherwise."""
@@ -183,10 +187,15 @@ class AutoFLIP(FedAvg):
             super().aggregate(round_, tasks, results)
             self.state = self.masked(self.state)
             return {}
-        explored = [r for r in results if r.delta]
+        # A client without data trains no step and returns an all-zero delta: it explored nothing.
+        explored = [r for r in results if r.delta and r.num_steps > 0]
         if not explored:
-            raise RuntimeError(f"autoflip: no explorer returned an update in round {round_}, so no pruning mask "
-                               f"can be built; give the clients training data")
+            from fedslim.engine.run import RunError  # said as a run error, not a traceback
+
+            raise RunError(f"autoflip: none of the {len(tasks)} explorers of round {round_} (clients "
+                           f"{', '.join(str(t.client) for t in tasks)}) holds training data, so no pruning mask can "
+                           f"be built; raise algorithm.params.explorers or give every client data "
+                           f"(data.partition.min_size)")
         base = self.state
         if self.params.start_from == "explored":
             super().aggregate(round_, tasks, results)
@@ -199,13 +208,32 @@ class AutoFLIP(FedAvg):
         self.state = self.masked(self.state if self.params.start_from == "explored" else base)
         # A fresh server optimizer: the exploration's momentum would push pruned weights' neighbours.
         self.server_opt = type(self.server_opt)(self.ctx.cfg.federation.server_optimizer)
+        self.forget_exploration_residuals()
         self.mask_stats = self.describe_mask(len(explored))
         s = self.mask_stats
         nonzero, params = self.parameter_counts()
-        self.ctx.note(f"autoflip: {s['explorers']} explorers, {s['explore_epochs']} local epoch(s) each, pruned "
-                      f"{s['pruned']:,} of {s['prunable']:,} prunable weights ({100 * s['sparsity']:.2f} %); "
-                      f"the model now has {nonzero:,} nonzero parameters of {params:,}")
+        self.mask_note = (f"autoflip: {s['explorers']} explorers, {s['explore_epochs']} local epoch(s) each, pruned "
+                          f"{s['pruned']:,} of {s['prunable']:,} prunable weights ({100 * s['sparsity']:.2f} %); "
+                          f"the model now has {nonzero:,} nonzero parameters of {params:,}")
+        self.ctx.note(self.mask_note)
         return {"phase": "explore", "mask_sparsity": s["sparsity"]}
+
+    def forget_exploration_residuals(self) -> None:
+        """Error feedback (``topk``) keeps, per client, what the explorers' uploads left out. With ``start_from:
+        base`` the explorers' training is discarded, so that residual goes too; with ``explored`` it is kept
+        but masked. Else a later upload would spend its top-k slots on pruned weights the server zeroes."""
+        assert self.mask is not None
+        for stage in getattr(getattr(self, "up", None), "stages", []):
+            residuals = getattr(stage, "residuals", None)
+            if not isinstance(residuals, dict):
+                continue
+            if self.params.start_from == "base":
+                residuals.clear()
+            else:
+                for res in residuals.values():
+                    for k, r in res.items():
+                        if k in self.mask and tuple(r.shape) == tuple(self.mask[k].shape):
+                            res[k] = r * self.mask[k]
 
     def masked(self, state: State) -> State:
         assert self.mask is not None
@@ -246,9 +274,13 @@ class AutoFLIP(FedAvg):
                 f"{100 * a['sparsity']:.2f} %; the params column counts them all)"]
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "mask": self.mask, "mask_stats": dict(self.mask_stats)}
+        return {**super().state_dict(), "mask": self.mask, "mask_stats": dict(self.mask_stats),
+                "mask_note": self.mask_note}
 
     def load_state_dict(self, s: dict[str, Any]) -> None:
         super().load_state_dict(s)
         self.mask = s.get("mask")
         self.mask_stats = dict(s.get("mask_stats") or {})
+        self.mask_note = s.get("mask_note")
+        if self.mask_note:  # a resumed run's summary still says what round 1 pruned (notes are not checkpointed)
+            self.ctx.note(self.mask_note)
