@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from fedslim.algorithms.autoflip import normalized
 from fedslim.config import validate
 from fedslim.engine.run import RunError, Runner
 from fedslim.engine.task import ClientResult
@@ -113,3 +114,13 @@ def test_a_resumed_run_says_what_the_exploration_pruned(tiny_cfg: dict, kill_run
     assert any(n.startswith("autoflip: 2 explorers") for n in full["notes"])
     assert part["notes"] == full["notes"]
     assert (out / "part" / "metrics.jsonl").read_bytes() == (out / "full" / "metrics.jsonl").read_bytes()
+
+
+def test_robust_normalization_takes_a_tensor_larger_than_torch_quantile_does() -> None:
+    """torch.quantile refuses more than 2**24 elements: normalize robust crashed after the exploration of
+    AlexNet on 3x32x32 inputs (fc.1.weight has 37,748,736)."""
+    n = 2**24 + 1
+    out = normalized({"big": torch.arange(n, dtype=torch.float64)}, "robust")["big"]
+    # quartiles 2**22 and 3 * 2**22, median 2**23: scores (x - 2**23) / 2**23
+    assert out[0].item() == -1.0 and out[n // 2].item() == 0.0 and out[-1].item() == 1.0
+    assert out.shape == (n,)
