@@ -119,7 +119,9 @@ def test_the_mask_is_the_same_on_every_backend(tiny_cfg: dict) -> None:
     masks = {}
     for backend in ("serial", "process"):
         cfg = _cfg(tiny_cfg, backend, amount=0.6)
-        cfg["engine"] = {**cfg["engine"], "backend": backend}
+        # One torch thread in both: serial on two threads sums some gradients in another order, and the
+        # float-level difference can move a weight across the cut.
+        cfg["engine"] = {**cfg["engine"], "backend": backend, "threads": 1}
         Runner(validate(cfg)).run()
         masks[backend] = _algorithm_state(tiny_cfg, backend)["mask"]
         rows = _rows(tiny_cfg, backend)
