@@ -180,3 +180,15 @@ def test_cli_runs_autoflip_and_prints_the_mask(tmp_path: Path, tiny_cfg: dict, c
     assert main(["run", str(p), "--set", "algorithm.params.amount=0.8"]) == 0
     said = capsys.readouterr().out
     assert "autoflip: 2 explorers" in said and "(80.00 %)" in said
+
+
+def test_an_unevaluated_exploration_round_keeps_its_report_in_the_next_rows_comm(tiny_cfg: dict) -> None:
+    tiny_cfg["federation"]["rounds"] = 4
+    tiny_cfg["eval"] = {"every": 2}
+    Runner(validate(_cfg(tiny_cfg, "every2", amount=0.25))).run()
+    rows = _rows(tiny_cfg, "every2")
+    assert [r["round"] for r in rows] == [2, 4]
+    first = rows[0]["comm"][0]
+    assert first["round"] == 1
+    assert first["algorithm"] == {"phase": "explore", "mask_sparsity": pytest.approx(0.25, abs=1e-3)}
+    assert "phase" not in rows[0]  # the row's own extras are round 2's

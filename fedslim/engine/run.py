@@ -542,8 +542,11 @@ class Runner:
                 n = sum(r.num_samples for r in results)
                 loss = sum(r.loss * r.num_samples for r in results) / max(n, 1)
                 # JSON object keys are strings: convert now so a resumed run re-serialises identically
+                # What aggregate returned, per round: with eval.every > 1 the row's own extras are only its
+                # round's, and an unevaluated round's (AutoFLIP's exploration, HeteroFL's levels) live here.
                 pending_comm.append({"round": rnd, "bytes_up": {str(k): v for k, v in up.items()},
-                                     "bytes_down": {str(k): v for k, v in down.items()}, "sim_time_s": sim})
+                                     "bytes_down": {str(k): v for k, v in down.items()}, "sim_time_s": sim,
+                                     **({"algorithm": extra} if extra else {})})
                 last = rnd == cfg.federation.rounds
                 if rnd % cfg.eval.every == 0 or last:
                     row: dict[str, Any] = {
