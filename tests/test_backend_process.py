@@ -262,3 +262,37 @@ def test_without_fork_it_runs_serially(toy: tuple[ClientStore, list[ClientTask]]
         assert backend.num_workers == 0 and not mp.active_children()
     finally:
         backend.close()
+
+
+def test_a_weight_mask_shared_by_the_round_is_pickled_once(toy: tuple[ClientStore, list[ClientTask]],
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """AutoFLIP gives every task of a round one mask as large as the weights; it went out inside each
+    task's pickle, as much data again per task as the start state sent once."""
+    import pickle
+
+    store, tasks = toy
+    g = torch.Generator().manual_seed(0)
+    masks = {k: (torch.rand(v.shape, generator=g) < 0.5).float() for k, v in tasks[0].state.items()
+             if k.endswith("weight")}
+    for t in tasks:
+        t.param_masks = masks
+    expected = SerialBackend(store).run(tasks)
+    carried = []
+    dumps = pickle.dumps
+
+    def counting(obj: object, *a: object, **kw: object) -> bytes:
+        if isinstance(obj, tuple) and any(x is masks or getattr(x, "param_masks", None) is masks for x in obj):
+            carried.append(obj)
+        return dumps(obj, *a, **kw)
+
+    monkeypatch.setattr(pickle, "dumps", counting)
+    backend = ProcessBackend(store, workers=2)
+    try:
+        got = backend.run(tasks)
+    finally:
+        backend.close()
+    assert len(carried) == 1  # with the start state, once for the 6 tasks
+    _same(expected, got)
+    for r in got:  # the workers applied the mask: pruned weights end at zero
+        for k, m in masks.items():
+            assert torch.all((tasks[0].state[k] + r.delta[k])[m == 0] == 0), k

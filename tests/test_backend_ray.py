@@ -176,3 +176,28 @@ def test_an_address_where_nothing_listens_is_refused_in_seconds() -> None:
         s.bind(("127.0.0.1", 0))
         s.listen()
         check_address(f"127.0.0.1:{s.getsockname()[1]}")  # something answers: left to ray.init
+
+
+@pytest.mark.ray
+def test_a_weight_mask_shared_by_the_round_goes_out_once(ray_cluster: Any, toy_tasks: tuple[Any, list[ClientTask]],
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """AutoFLIP's mask, as large as the weights and the same for every task of a round, went out inside
+    every task; now it travels with the start state, one object for the round."""
+    store, tasks = toy_tasks
+    g = torch.Generator().manual_seed(0)
+    masks = {k: (torch.rand(v.shape, generator=g) < 0.5).float() for k, v in tasks[0].state.items()
+             if k.endswith("weight")}
+    for t in tasks:
+        t.param_masks = masks
+    expected = SerialBackend(store).run(tasks)
+    put, carried = ray_cluster.put, []
+
+    def counting(obj: Any, *a: Any, **kw: Any) -> Any:
+        if isinstance(obj, tuple) and any(x is masks for x in obj):
+            carried.append(obj)
+        return put(obj, *a, **kw)
+
+    monkeypatch.setattr(ray_cluster, "put", counting)
+    _, got = run_on_two_workers(store, tasks)
+    assert len(carried) == 1
+    assert_same_results(expected, got)

@@ -95,7 +95,7 @@ def _worker_main(conn: Connection, inherited: list[Connection], store: ClientSto
                 f.write(str(os.getpid()))
             os._exit(1)
         try:
-            task.state = pickle.loads(state)
+            task.state, task.param_masks = pickle.loads(state)
             proc = CLIENT_PROCEDURES.get(proc_ref) if isinstance(proc_ref, str) else pickle.loads(proc_ref)
             data = store.get(task.client, task.extras.get("split", "train"))
             out: tuple[int, bool, Any] = (key, True, proc(task, data, buffers.get(task.spec)))
@@ -251,20 +251,23 @@ class ProcessBackend:
         pending = deque(k for k in dispatch_order(tasks, self.store, self.dispatch)
                         if refs[tasks[k].kind] is not None)
         self.last_dispatch = []
-        states: dict[int, bytes] = {}  # one pickle per distinct start state (FedAvg: one per round)
+        # One pickle per distinct start state and weight mask (FedAvg: one per round; a mask as large as the
+        # weights, AutoFLIP's, is shared by every task of a round and would cost as much again per task).
+        states: dict[tuple[int, int], bytes] = {}
         attempts = [0] * len(tasks)
         results: dict[int, ClientResult] = {}
 
         def send(w: _Worker, k: int) -> None:
             t = tasks[k]
-            if id(t.state) not in states:
-                states[id(t.state)] = pickle.dumps(t.state, _PICKLE)
+            sk = (id(t.state), id(t.param_masks))
+            if sk not in states:
+                states[sk] = pickle.dumps((t.state, t.param_masks), _PICKLE)
             # The downlink codec already ran in the driver; it need not (and may not) pickle.
-            shipped = dataclasses.replace(t, state={}, down_codec=None)
+            shipped = dataclasses.replace(t, state={}, param_masks=None, down_codec=None)
             w.task = k
             self.last_dispatch.append(k)
             w.conn.send_bytes(pickle.dumps((k, shipped, refs[t.kind]), _PICKLE))
-            w.conn.send_bytes(states[id(t.state)])
+            w.conn.send_bytes(states[sk])
 
         def died(i: int, k: int) -> None:
             w = self._workers[i]

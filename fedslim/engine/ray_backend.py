@@ -106,14 +106,15 @@ class RayWorker:
     def pid(self) -> int:
         return os.getpid()
 
-    def run(self, key: int, task: ClientTask, state: dict[str, torch.Tensor], proc: Any) -> tuple[int, ClientResult]:
+    def run(self, key: int, task: ClientTask, start: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None],
+            proc: Any) -> tuple[int, ClientResult]:
         marker = task.extras.get(FAIL_ONCE_EXTRA)
         if marker is not None and not os.path.exists(marker):
             # Fault injection for tests: die like a crashed or preempted worker, once.
             with open(marker, "w") as f:
                 f.write(str(os.getpid()))
             os._exit(1)
-        task.state = state
+        task.state, task.param_masks = start
         data = self.store.get(task.client, task.extras.get("split", "train"))
         return key, proc(task, data, self.buffers.get(task.spec))
 
@@ -142,10 +143,11 @@ def check_address(address: str, timeout_s: float = 5.0) -> None:
 
 
 def _shippable(task: ClientTask) -> ClientTask:
-    """The task without its state (sent once per round as an object ref) and codec (driver-side)."""
+    """The task without its state and weight mask (sent once per round as an object ref) and codec
+    (driver-side)."""
     extras = {k: v for k, v in task.extras.items()}
     return ClientTask(task.client, task.round, task.spec, {}, task.train, task.kind, task.seed, task.label_mask,
-                      task.param_masks, None, extras)
+                      None, None, extras)
 
 
 @BACKENDS.register("ray", "a Ray cluster (engine.ray_address; a local one by default), long-lived workers")
@@ -225,11 +227,12 @@ class RayBackend:
         from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
 
         dead_errors = (RayActorError, ActorDiedError, ActorUnavailableError)
-        # One object per distinct start state: FedAvg's 25 tasks share one, HeteroFL's one per width.
-        refs: dict[int, Any] = {}
+        # One object per distinct start state and weight mask: FedAvg's 25 tasks share one, HeteroFL's one
+        # per width; AutoFLIP's mask, as large as the weights, travels once too.
+        refs: dict[tuple[int, int], Any] = {}
         for t in tasks:
-            if id(t.state) not in refs:
-                refs[id(t.state)] = ray.put(t.state)
+            if (id(t.state), id(t.param_masks)) not in refs:
+                refs[(id(t.state), id(t.param_masks))] = ray.put((t.state, t.param_masks))
         procs = {t.kind: CLIENT_PROCEDURES.get(t.kind) for t in tasks}
         pending = deque(dispatch_order(tasks, self.store, self.dispatch))
         self.last_dispatch = []
@@ -244,7 +247,7 @@ class RayBackend:
                 k = pending.popleft()
                 t = tasks[k]
                 actor = self._workers[slot]
-                fut = actor.run.remote(k, _shippable(t), refs[id(t.state)], procs[t.kind])
+                fut = actor.run.remote(k, _shippable(t), refs[(id(t.state), id(t.param_masks))], procs[t.kind])
                 self.last_dispatch.append(k)
                 running[fut] = (k, slot, actor)
                 load[slot] += 1
