@@ -49,6 +49,11 @@ def test_normalizations_put_every_tensor_on_one_scale() -> None:
     # median 3, quartiles 2 and 4: the outlier does not squash the rest as min-max would
     assert torch.allclose(rb["r"], torch.tensor([-1.0, -0.5, 0.0, 0.5, 48.5], dtype=torch.float64))
     assert torch.equal(normalized(s, "none")["r"], s["r"])
+    # no IQR (most weights did not move): the range scales it, not raw units, and a constant tensor is 0
+    flat = {"z": torch.tensor([0.0, 0.0, 0.0, 0.0, 1e-6], dtype=torch.float64), "c": s["c"]}
+    rz = normalized(flat, "robust")
+    assert torch.allclose(rz["z"], torch.tensor([0.0, 0.0, 0.0, 0.0, 1.0], dtype=torch.float64))
+    assert torch.equal(rz["c"], torch.zeros(3, dtype=torch.float64))
 
 
 def test_prune_mask_prunes_exactly_the_lowest_scores_over_all_tensors_ties_by_position() -> None:

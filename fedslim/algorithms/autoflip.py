@@ -99,7 +99,10 @@ def normalized(spread: State, how: str) -> State:
         elif how == "robust":
             # numpy's: torch.quantile refuses tensors of more than 2**24 elements (AlexNet's fc.1 on CIFAR).
             q1, med, q3 = np.quantile(s.reshape(-1).numpy(), [0.25, 0.5, 0.75]).tolist()
-            out[k] = (s - med) / (q3 - q1) if q3 > q1 else s - med
+            # Half a tensor or more with one spread (often zero) leaves no IQR; its range then sets the
+            # scale, so that the tensor still ranks on the others' scale and not in raw units.
+            scale = q3 - q1 if q3 > q1 else float(s.max() - s.min())
+            out[k] = (s - med) / scale if scale > 0 else torch.zeros_like(s)
         else:
             out[k] = s.clone()
     return out
