@@ -93,6 +93,19 @@ def toy_tasks() -> tuple[object, list[object]]:
 
 
 @pytest.fixture
+def masked_toy_tasks() -> tuple[object, list[object], dict[str, torch.Tensor]]:
+    """The toy tasks, all sharing one random 0/1 mask of the MLP's weights (as AutoFLIP's round shares its
+    pruning mask): (store, tasks, mask)."""
+    store, tasks = _mlp_train_tasks("toy", [20] * 6, data_seed=0)
+    g = torch.Generator().manual_seed(0)
+    masks = {k: (torch.rand(v.shape, generator=g) < 0.5).float() for k, v in tasks[0].state.items()
+             if k.endswith("weight")}
+    for t in tasks:
+        t.param_masks = masks
+    return store, tasks, masks
+
+
+@pytest.fixture
 def uneven_tasks() -> tuple[object, list[object]]:
     """Clients of 16, 64, 8, 40, 24 and 56 samples (see _mlp_train_tasks): longest first, they go out
     as clients 1, 5, 3, 4, 0, 2."""

@@ -264,18 +264,14 @@ def test_without_fork_it_runs_serially(toy: tuple[ClientStore, list[ClientTask]]
         backend.close()
 
 
-def test_a_weight_mask_shared_by_the_round_is_pickled_once(toy: tuple[ClientStore, list[ClientTask]],
+def test_a_weight_mask_shared_by_the_round_is_pickled_once(masked_toy_tasks: tuple[ClientStore, list[ClientTask],
+                                                                                 dict[str, torch.Tensor]],
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """AutoFLIP gives every task of a round one mask as large as the weights; it went out inside each
     task's pickle, as much data again per task as the start state sent once."""
     import pickle
 
-    store, tasks = toy
-    g = torch.Generator().manual_seed(0)
-    masks = {k: (torch.rand(v.shape, generator=g) < 0.5).float() for k, v in tasks[0].state.items()
-             if k.endswith("weight")}
-    for t in tasks:
-        t.param_masks = masks
+    store, tasks, masks = masked_toy_tasks
     expected = SerialBackend(store).run(tasks)
     carried = []
     dumps = pickle.dumps

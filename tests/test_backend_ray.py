@@ -179,16 +179,11 @@ def test_an_address_where_nothing_listens_is_refused_in_seconds() -> None:
 
 
 @pytest.mark.ray
-def test_a_weight_mask_shared_by_the_round_goes_out_once(ray_cluster: Any, toy_tasks: tuple[Any, list[ClientTask]],
+def test_a_weight_mask_shared_by_the_round_goes_out_once(ray_cluster: Any, masked_toy_tasks: tuple[Any, list[Any], Any],
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """AutoFLIP's mask, as large as the weights and the same for every task of a round, went out inside
     every task; now it travels with the start state, one object for the round."""
-    store, tasks = toy_tasks
-    g = torch.Generator().manual_seed(0)
-    masks = {k: (torch.rand(v.shape, generator=g) < 0.5).float() for k, v in tasks[0].state.items()
-             if k.endswith("weight")}
-    for t in tasks:
-        t.param_masks = masks
+    store, tasks, masks = masked_toy_tasks
     expected = SerialBackend(store).run(tasks)
     put, carried = ray_cluster.put, []
 
