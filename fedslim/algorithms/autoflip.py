@@ -228,17 +228,7 @@ class AutoFLIP(FedAvg):
         base`` the explorers' training is discarded, so that residual goes too; with ``explored`` it is kept
         but masked. Else a later upload would spend its top-k slots on pruned weights the server zeroes."""
         assert self.mask is not None
-        for stage in getattr(getattr(self, "up", None), "stages", []):
-            residuals = getattr(stage, "residuals", None)
-            if not isinstance(residuals, dict):
-                continue
-            if self.params.start_from == "base":
-                residuals.clear()
-            else:
-                for res in residuals.values():
-                    for k, r in res.items():
-                        if k in self.mask and tuple(r.shape) == tuple(self.mask[k].shape):
-                            res[k] = r * self.mask[k]
+        self.up.restrict_memory(self.mask, forget=self.params.start_from == "base")
 
     def masked(self, state: State) -> State:
         assert self.mask is not None

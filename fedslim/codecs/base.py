@@ -125,6 +125,10 @@ class Codec:
     def decode(self, payload: bytes, ctx: CodecContext) -> State:
         raise NotImplementedError
 
+    def restrict_memory(self, masks: dict[str, torch.Tensor], forget: bool = False) -> None:
+        """Weights fixed at zero from now on (``masks``: 0/1 per tensor name), or, with ``forget``, updates
+        never to be sent: what a stage remembers between payloads (error feedback) drops them."""
+
     def state_dict(self) -> dict[str, Any]:
         return {}
 

@@ -100,6 +100,10 @@ class Pipeline(Codec):
             raise CodecError(f"payload has {len(mv) - off} trailing bytes")
         return out
 
+    def restrict_memory(self, masks: dict[str, torch.Tensor], forget: bool = False) -> None:
+        for s in self.stages:
+            s.restrict_memory(masks, forget)
+
     def state_dict(self) -> dict[str, Any]:
         return {"stages": [s.state_dict() for s in self.stages]}
 

@@ -117,6 +117,10 @@ class Stage:
     def finish(self, works: list[Work], decoded: dict[str, np.ndarray], ctx: CodecContext) -> None:
         """Called with the values the receiver will decode (flat float64), once the bytes exist."""
 
+    def restrict_memory(self, masks: dict[str, torch.Tensor], forget: bool = False) -> None:
+        """Weights fixed at zero from now on (``masks``: 0/1 per tensor name), or, with ``forget``, updates
+        never to be sent: what a stage remembers between payloads (error feedback) drops them."""
+
     def state_dict(self) -> dict[str, Any]:
         return {}
 

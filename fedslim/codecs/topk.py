@@ -109,6 +109,15 @@ class TopK(Stage):
             name: torch.from_numpy((a - decoded[name]).astype(np.float32)).reshape(shapes[name])
             for name, a in acc.items()}
 
+    def restrict_memory(self, masks: dict[str, torch.Tensor], forget: bool = False) -> None:
+        if forget:
+            self.residuals.clear()
+            return
+        for res in self.residuals.values():
+            for name, r in res.items():
+                if name in masks and tuple(r.shape) == tuple(masks[name].shape):
+                    res[name] = r * masks[name].to(r.dtype)
+
     def state_dict(self) -> dict[str, Any]:
         return {"residuals": copy.deepcopy(self.residuals)}
 
