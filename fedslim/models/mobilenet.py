@@ -7,7 +7,8 @@ so only three stages down-sample; global average pooling makes any input size wo
 The head keeps the 1x1 convolution to 1280 channels. 2.2 M parameters for 10 classes at width 1.
 
 For DAC-style searched architectures the option ``hidden_channels`` sets the expanded (depthwise)
-channel count of every expanding block directly.
+channel count of every expanding block directly, and the option ``gates`` puts a
+:class:`ChannelGate` on those channels (DAC's supernet).
 """
 
 from __future__ import annotations
@@ -71,27 +72,59 @@ def _conv_bn(cin: int, cout: int, kernel: int, stride: int, groups: int, act: bo
     return nn.Sequential(*layers)
 
 
+class ChannelGate(nn.Module):
+    """DAC's channel gate on each channel: ``sigmoid(logits[c])`` (``hard=False``), or (``hard=True``)
+    1 where the logit is at least 0 and 0 elsewhere, with the sigmoid's gradient (straight-through), so
+    that the network trains as the architecture the gates would extract and the logits still learn.
+
+    The logits are a buffer, not a parameter: the search trains them with an optimizer of their own
+    (:mod:`fedslim.algorithms.dac`), and the weights' optimizer and every other procedure leave them
+    alone. Built at logit 0; the search sends the logits it wants.
+    """
+
+    def __init__(self, channels: int, hard: bool = False):
+        super().__init__()
+        self.hard = hard
+        self.register_buffer("logits", torch.zeros(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = torch.sigmoid(self.logits)
+        if self.hard:
+            # Parenthesised so an open gate is exactly 1: (1 + p) - p may round off by an ulp.
+            p = (self.logits >= 0).to(p.dtype) + (p - p.detach())
+        return x * p.view(1, -1, *([1] * (x.dim() - 2)))
+
+    def extra_repr(self) -> str:
+        return f"{self.logits.numel()}, hard={self.hard}"
+
+
 class InvertedResidual(nn.Module):
     def __init__(self, cin: int, hidden: int, cout: int, stride: int, *, expand: bool, residual: bool,
-                 **kw: Any):
+                 gate: str | None = None, **kw: Any):
         super().__init__()
         # Whether the block expands and whether it adds the residual are decided by the caller from
         # the width-1 plan, so parameter names and the graph are the same at every width.
         self.expand = _conv_bn(cin, hidden, 1, 1, 1, True, **kw) if expand else None
         self.depthwise = _conv_bn(hidden, hidden, 3, stride, hidden, True, **kw)
+        # On the expanded channels, after the depthwise convolution's activation: a closed gate takes
+        # the channel out of the expansion, the depthwise convolution and the projection alike.
+        self.gate = ChannelGate(hidden, hard=gate == "hard") if gate and expand else None
         self.project = _conv_bn(hidden, cout, 1, 1, 1, False, **kw)
         self.residual = residual
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.expand(x) if self.expand is not None else x
-        out = self.project(self.depthwise(out))
+        out = self.depthwise(out)
+        if self.gate is not None:
+            out = self.gate(out)
+        out = self.project(out)
         return out + x if self.residual else out
 
 
 class MobileNetV2(nn.Module):
     def __init__(self, in_channels: int, width: float, num_classes: int,
                  hidden_channels: Sequence[int] | None, *, norm: str, track_running_stats: bool,
-                 scaler_rate: float, dropout: float):
+                 scaler_rate: float, dropout: float, gates: str | None = None):
         super().__init__()
         kw = {"norm": norm, "track_running_stats": track_running_stats, "scaler_rate": scaler_rate}
         stem = scaled(STEM, width)
@@ -109,7 +142,8 @@ class MobileNetV2(nn.Module):
             else:
                 hidden = scaled(base_hidden, width)
             residual = stride == 1 and base_in == base_out
-            blocks.append(InvertedResidual(prev, hidden, cout, stride, expand=expand, residual=residual, **kw))
+            blocks.append(InvertedResidual(prev, hidden, cout, stride, expand=expand, residual=residual,
+                                           gate=gates, **kw))
             prev = cout
         self.blocks = nn.Sequential(*blocks)
         head = scaled(HEAD, width)
@@ -138,6 +172,8 @@ class MobileNetV2(nn.Module):
             p = f"blocks.{i}"
             h = conv_bn(f"{p}.expand", block.expand, g) if block.expand is not None else g
             h = conv_bn(f"{p}.depthwise", block.depthwise, h)
+            if block.gate is not None:
+                b.add(h, f"{p}.gate.logits", 0)
             out = conv_bn(f"{p}.project", block.project, h)
             g = b.tie(out, g) if block.residual else out
         g = conv_bn("head", self.head, g)
@@ -154,10 +190,15 @@ def mobilenetv2(*, num_classes: int, input_shape: tuple[int, ...], width: float 
     False = HeteroFL static BN); ``scaler_rate`` (HeteroFL Scaler after each convolution, default 1);
     ``dropout`` (before the classifier, default 0); ``hidden_channels`` (sequence of
     ``NUM_EXPANDING`` = 16 positive ints: the expanded channel count of each expanding block in
-    order, overriding ``ceil(width * t * c_in)`` for those layers; default none).
+    order, overriding ``ceil(width * t * c_in)`` for those layers; default none); ``gates`` (none
+    (default), "soft" or "hard": a :class:`ChannelGate` of that kind on the expanded channels of every
+    expanding block, buffers ``blocks.<i>.gate.logits``; DAC's search supernet).
     """
     check_common_args("mobilenetv2", num_classes, width)
-    opts = parse_options("mobilenetv2", options, {**COMMON_OPTIONS, "hidden_channels": None})
+    opts = parse_options("mobilenetv2", options, {**COMMON_OPTIONS, "hidden_channels": None, "gates": None})
+    if opts["gates"] not in (None, "soft", "hard"):
+        raise ValueError(f"model.options.gates: must be none, 'soft' or 'hard' for model 'mobilenetv2', got "
+                         f"{opts['gates']!r}")
     hidden = opts.pop("hidden_channels")
     if hidden is not None:
         ok = (isinstance(hidden, Sequence) and not isinstance(hidden, str) and len(hidden) == NUM_EXPANDING
