@@ -139,8 +139,14 @@ def _packed_to(schedule: Schedule, device: torch.device | str) -> Schedule:
     return out
 
 
-def train_model(model: nn.Module, task: ClientTask, data: TensorData) -> tuple[int, float, int]:
-    """Local SGD/Adam on ``model`` in place. Returns (steps, mean loss, samples processed)."""
+def train_model(model: nn.Module, task: ClientTask, data: TensorData, *,
+                penalty: Callable[[], torch.Tensor] | None = None,
+                after_step: Callable[[], None] | None = None) -> tuple[int, float, int]:
+    """Local SGD/Adam on ``model`` in place. Returns (steps, mean loss, samples processed).
+
+    ``penalty`` (a scalar tensor, recomputed every step) is added to the cross-entropy before the
+    backward pass; ``after_step`` runs after the weights' optimizer step (a procedure with tensors of
+    its own to step, such as DAC's gate logits, steps them there)."""
     assert task.train is not None, "a train task needs task.train"
     tr = task.train
     gen = torch.Generator()
@@ -166,10 +172,13 @@ def train_model(model: nn.Module, task: ClientTask, data: TensorData) -> tuple[i
             out = masked_logits(_forward(model, xb, task, n), label_mask)
             loss = F.cross_entropy(out, yb)
             zero_grad()
-            loss.backward()
+            # The penalty trains but stays out of the reported loss, which is the cross-entropy in every round.
+            (loss + penalty() if penalty is not None else loss).backward()
             if tr.grad_clip is not None:
                 nn.utils.clip_grad_norm_(params, tr.grad_clip)
             opt.step()
+            if after_step is not None:
+                after_step()
             if masks:
                 with torch.no_grad():
                     for k, m in masks.items():
