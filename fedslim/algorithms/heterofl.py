@@ -163,7 +163,7 @@ class HeteroFL(Algorithm):
                 ctx.note(f"{self.name}: model_split given, so devices.tiers widths are ignored (tiers still set "
                          f"speed and bandwidth)")
         else:
-            self.level_rates = {t.name: float(t.width) for t in ctx.devices.tiers}
+            self.level_rates = self.tier_rates()
             self.shares = np.array([t.share for t in ctx.devices.tiers], dtype=float)
             ignored = [k for k in ("assignment", "rates") if k in p.model_fields_set]
             if ignored:
@@ -221,6 +221,10 @@ class HeteroFL(Algorithm):
         self._last_cohort: list[int] = []
         self.bn_query_totals = {"queries": 0, "bytes_down": 0, "bytes_up": 0}
         self.check_channel_groups()
+
+    def tier_rates(self) -> dict[str, float]:
+        """Each device tier's level rate when no model_split is given: its width."""
+        return {t.name: float(t.width) for t in self.ctx.devices.tiers}
 
     def check_budgets(self) -> None:
         """A tier's model_bytes and memory_mb must hold the sub-model its devices train: their own level's
@@ -332,28 +336,38 @@ class HeteroFL(Algorithm):
         return tasks
 
     def aggregate(self, round_: int, tasks: list[ClientTask], results: list[ClientResult]) -> dict[str, Any]:
-        p = self.params
+        extra: dict[str, Any] = {"levels": self.combine_results(results)}
+        self.query_bn_if_evaluated(round_, extra)
+        return extra
+
+    def combine_results(self, results: list[ClientResult]) -> dict[str, int]:
+        """Sum-and-count of the round's updates into the global model; returns the clients per level."""
         contributions, levels = [], {label: 0 for label in self.labels}
         for r in results:
             label, plan = self._pending[r.client]
             levels[label] += 1
-            rows = None
-            if p.label_rows:
-                mask = self.client_labels(r.client)
-                rows = None if mask is None else torch.nonzero(mask).flatten()
-            w = float(r.num_samples) if p.weighted else 1.0
-            contributions.append(Contribution(r.delta, plan, w, rows))
+            contributions.append(self.contribution(r, plan))
         delta = combine(self.state, contributions, self.layout.output_keys)
         if delta:
             self.state = self.server_opt.step(self.state, delta, self.param_keys)
             self._version += 1
-        extra: dict[str, Any] = {"levels": levels}
+        return levels
+
+    def query_bn_if_evaluated(self, round_: int, extra: dict[str, Any]) -> None:
+        """The static BN query, in rounds that are evaluated; its traffic goes into ``extra``."""
         cfg = self.ctx.cfg
         if self.needs_bn_query and (round_ % cfg.eval.every == 0 or round_ == cfg.federation.rounds):
             t0 = time.perf_counter()
             extra["bn_query"] = self.query_bn(round_, self._last_cohort)
             self.phase_seconds["bn_query_s"] = self.phase_seconds.get("bn_query_s", 0.0) + time.perf_counter() - t0
-        return extra
+
+    def contribution(self, r: ClientResult, plan: IndexPlan) -> Contribution:
+        """A client's update for :func:`combine`: its label rows (``label_rows``) and its weight."""
+        rows = None
+        if self.params.label_rows:
+            mask = self.client_labels(r.client)
+            rows = None if mask is None else torch.nonzero(mask).flatten()
+        return Contribution(r.delta, plan, float(r.num_samples) if self.params.weighted else 1.0, rows)
 
     # ------------------------------------------------------------------ static BN query
     @property
