@@ -257,7 +257,8 @@ def _params_model(dotted: str) -> type:
 
 # Each algorithm page's parameter table, against the pydantic model that validates the parameters.
 PARAMETER_TABLES = {"docs/heterofl.md": "fedslim.algorithms.heterofl.HeteroFLParams",
-                    "docs/autoflip.md": "fedslim.algorithms.autoflip.AutoFLIPParams"}
+                    "docs/autoflip.md": "fedslim.algorithms.autoflip.AutoFLIPParams",
+                    "docs/dac.md": "fedslim.algorithms.dac.DACParams"}
 TABLE_ROWS = [(doc, name, cell) for doc in PARAMETER_TABLES for name, cell in _parameter_table(ROOT / doc)]
 
 
