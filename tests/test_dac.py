@@ -467,6 +467,7 @@ def test_a_run_searches_then_trains_each_tier_within_its_budget(main_run) -> Non
         prof = profile_spec("mobilenetv2", 10, SHAPE, WIDTH, hidden_channels=tuple(t["hidden_channels"]))
         assert (t["macs"], t["params"]) == (prof["macs"], prof["params"])
         assert (s["levels"][name]["macs"], s["levels"][name]["params"]) == (prof["macs"], prof["params"])
+        assert s["levels"][name]["rate"] is None  # no width rate: the architecture is in the dac entry
         assert t["kept"] == sum(t["hidden_channels"]) and t["of"] == sum(r.algo.cost.full)
     small = d["tiers"]["small"]
     assert small["kept"] < small["of"] and small["macs"] < d["supernet_macs"]

@@ -507,6 +507,8 @@ class DAC(HeteroFL):
     # ------------------------------------------------------------------ reporting and checkpoints
     def summary(self) -> dict[str, Any]:
         out = super().summary()
+        for lv in out.get("levels", {}).values():
+            lv["rate"] = None  # every architecture is cut at rate 1; its channels are in the dac entry
         if self.search_stats:
             out["dac"] = {"search_rounds": self.params.search_rounds, "supernet_macs": self.cost.macs_full,
                           "supernet_params": self.cost.params_full, "tiers": self.search_stats}

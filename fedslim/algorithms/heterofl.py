@@ -470,7 +470,8 @@ class HeteroFL(Algorithm):
         lines = [f"levels (sub-model = what one client is sent, before any downlink codec; clients "
                  f"{'of' if self._fixed_assignment() else 'in round 1 of'} {self.ctx.num_clients}):"]
         for label, lv in s.get("levels", {}).items():
-            lines.append(f"  {label:<8} rate {lv['rate']:<8g} sub-model {_human(lv['submodel_bytes']):>10}  "
+            rate = "" if lv.get("rate") is None else f"rate {lv['rate']:<8g} "
+            lines.append(f"  {label:<8} {rate}sub-model {_human(lv['submodel_bytes']):>10}  "
                          f"clients {lv['clients_round1']}")
         q = s.get("bn_query") or {}
         if q.get("queries"):
