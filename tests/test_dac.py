@@ -80,6 +80,10 @@ def _fits(algo, hidden: list[int], budget: dict) -> bool:
     return algo.cost.macs(hidden) <= budget["macs"] and algo.cost.params(hidden) <= budget["params"]
 
 
+def _fits_with_one_more(algo, hidden: list[int], block: int, budget: dict) -> bool:
+    return _fits(algo, [h + (i == block) for i, h in enumerate(hidden)], budget)
+
+
 def _search_round(r: Runner) -> None:
     """Round 1 (the search) run by hand on every client, ending in extraction."""
     a = r.algo
@@ -294,9 +298,7 @@ def test_extraction_removes_the_lowest_gates_until_the_budgets_hold(built: Runne
                 assert float(p[c]) > pr or len(kept[b]) == 1
     # and no more than needed: putting back the strongest removed channel breaks a budget
     _, b, _ = max(removed)
-    more = list(hidden)
-    more[b] += 1
-    assert not _fits(a, more, budget)
+    assert not _fits_with_one_more(a, hidden, b, budget)
 
 
 def test_extraction_fills_the_budget_with_the_strongest_closed_gates(built: Runner) -> None:
@@ -316,9 +318,7 @@ def test_extraction_fills_the_budget_with_the_strongest_closed_gates(built: Runn
     assert added and left
     assert min(added) > max(pr for pr, _ in left)  # strongest first
     _, b = max(left)  # the next in line no longer fits
-    more = list(hidden)
-    more[b] += 1
-    assert not _fits(a, more, budget)
+    assert not _fits_with_one_more(a, hidden, b, budget)
 
 
 def test_without_fill_closed_gates_keep_one_channel_per_block(built: Runner) -> None:
