@@ -270,19 +270,13 @@ class DAC(HeteroFL):
             self.train_specs[label] = self.search_spec
             self.eval_specs[label] = search_eval
         self.full_plan = self.layout.prefix_plan(state_shapes(self.global_spec))
-        self.block_of_group: dict[int, int] = {}
-        for gid, members in enumerate(self.layout.groups or []):
-            for key, axis, _ in members:
-                parts = key.split(".")
-                if axis == 0 and len(parts) == 5 and parts[0] == "blocks" and parts[2:] == ["expand", "0", "weight"]:
-                    self.block_of_group[gid] = sum(1 for b in range(int(parts[1])) if self._expands(b))
+        # Channel group of each gated block's expanded channels -> the block's place among the gated ones.
+        self.block_of_group = {self.layout.member_of[(k.removesuffix("gate.logits") + "expand.0.weight", 0)][0]: i
+                               for i, k in enumerate(self.gate_keys)}
         self.arch: dict[str, list[torch.Tensor]] | None = None
         self.arch_plans: dict[str, IndexPlan] = {}
         self.search_stats: dict[str, Any] = {}
         self.arch_note: str | None = None
-
-    def _expands(self, block: int) -> bool:
-        return f"blocks.{block}.gate.logits" in self.gate_keys
 
     # ------------------------------------------------------------------ budgets
     def check_budgets(self) -> None:
