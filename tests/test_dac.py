@@ -556,3 +556,20 @@ def test_config_errors_at_setup_leave_no_run_folder(tmp_path: Path, change, matc
     with pytest.raises(ConfigError, match=match):
         _runner(cfg).run()
     assert not (tmp_path / "runs" / "bad").exists()
+
+
+def test_a_tiers_default_params_budget_is_what_its_model_bytes_hold(tmp_path: Path) -> None:
+    whole = len(pack_exact({k: torch.zeros(s) for k, s in ChannelLayout(SUPERNET).shapes.items()}))
+    limit = int(whole * 0.6)
+    cfg = _cfg(tmp_path, "default_bytes", devices={"tiers": [{"name": "big", "width": 1.0},
+                                                              {"name": "small", "width": 0.5, "model_bytes": limit}]})
+    r = _built(cfg)
+    try:
+        a = r.algo
+        small, big = a.budgets["small"], a.budgets["big"]
+        assert small["params"] == limit // 4 < a.cost.params_full  # float32 parameters within model_bytes
+        assert small["macs"] == profile_spec("mobilenetv2", 10, SHAPE, WIDTH * 0.5)["macs"]
+        assert "model_bytes" in small["source"] and "model_bytes" not in big["source"]
+        assert big["params"] == a.cost.params_full  # no model_bytes: no parameter limit
+    finally:
+        r.backend.close()
