@@ -46,6 +46,7 @@ has done its work, and the rounds that follow adapt the weights.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -342,10 +343,10 @@ class DAC(HeteroFL):
         return self.arch is None
 
     def index_plan(self, round_: int, client: int, label: str) -> IndexPlan:
-        return self.full_plan if self.arch is None else self.arch_plans[label]
+        return self.full_plan if self.searching() else self.arch_plans[label]
 
     def level_params(self, label: str) -> State:
-        if self.arch is None:
+        if self.searching():
             return {**self.state, **self.gates[label]}
         return extract(self.state, self.arch_plans[label])
 
@@ -429,8 +430,7 @@ class DAC(HeteroFL):
         if fits(counts):
             if not self.params.fill_budget:
                 return [torch.nonzero(k).flatten() for k in keep]
-            order = [(b, c) for b, c in reversed(removal_order(probs, [~k for k in keep]))]
-            sign, steps = 1, order
+            sign, steps = 1, removal_order(probs, [~k for k in keep])[::-1]
         else:
             # Each removal that leaves its block a channel: prefixes of these are the candidates.
             left, steps = list(counts), []
@@ -449,16 +449,11 @@ class DAC(HeteroFL):
         # Costs grow with every addition and shrink with every removal, so the answer is a bisection:
         # the most additions that still fit, or the fewest removals that fit (all of them do: the
         # smallest architecture was checked at set-up).
+        candidates = range(len(steps) + 1)
         if sign > 0:
-            lo, hi = 0, len(steps)
-            while lo < hi:
-                mid = (lo + hi + 1) // 2
-                lo, hi = (mid, hi) if ok(mid) else (lo, mid - 1)
+            lo = bisect.bisect_left(candidates, True, key=lambda n: not ok(n)) - 1
         else:
-            lo, hi = 0, len(steps)
-            while lo < hi:
-                mid = (lo + hi) // 2
-                lo, hi = (lo, mid) if ok(mid) else (mid + 1, hi)
+            lo = bisect.bisect_left(candidates, True, key=ok)
         for b, c in steps[:lo]:
             keep[b][c] = sign > 0
         return [torch.nonzero(k).flatten() for k in keep]
