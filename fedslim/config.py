@@ -292,6 +292,10 @@ def format_validation_error(err: ValidationError, root: type[BaseModel] = RunCon
     loc = [p for p in e["loc"] if not (isinstance(p, str) and p.startswith("function-"))]
     field = prefix + ".".join(str(p) for p in loc)
     if e["type"] == "extra_forbidden":
+        # A model may say why a key a related model takes is not one of its own.
+        why = getattr(root, "key_hints", {}).get(loc[-1]) if len(loc) == 1 else None
+        if why:
+            return f"{field}: {why}"
         valid = _model_fields(root, list(loc[:-1]))
         close = difflib.get_close_matches(str(loc[-1]), valid, n=1)
         hint = f" (did you mean '{'.'.join([*map(str, loc[:-1]), close[0]])}'?)" if close else ""

@@ -532,6 +532,10 @@ def test_the_process_backend_gives_the_serial_metrics(main_run) -> None:
     (lambda c: c["model"].update(options={"hidden_channels": [8] * 16}), r"^model\.options\.hidden_channels: "),
     (lambda c: c["model"].update(options={"gates": True}), r"^model\.options\.gates: "),
     (lambda c: c["algorithm"]["params"].update(model_split="a1-b1"), r"algorithm\.params\.model_split: .*unset"),
+    (lambda c: c["algorithm"]["params"].update(rates={"a": 1.0}), r"^algorithm\.params\.rates: .*does not apply"),
+    (lambda c: c["algorithm"]["params"].update(assignment="dynamic"), r"^algorithm\.params\.assignment: .*tier"),
+    (lambda c: c["algorithm"]["params"].update(scaler=True), r"^algorithm\.params\.scaler: .*rate 1"),
+    (lambda c: c["algorithm"]["params"].update(gate_lrr=0.1), r"^algorithm\.params\.gate_lrr: unknown key .*gate_lr"),
 ])
 def test_config_errors_at_validation(tmp_path: Path, change, match: str) -> None:
     cfg = _cfg(tmp_path / "runs", "bad")

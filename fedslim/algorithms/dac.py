@@ -49,13 +49,13 @@ from __future__ import annotations
 import bisect
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from fedslim.algorithms.base import budget_shortfall, refuse_budget
-from fedslim.algorithms.heterofl import HeteroFL, HeteroFLParams
+from fedslim.algorithms.heterofl import HeteroFL, SubmodelParams
 from fedslim.algorithms.submodel import IndexPlan, extract, meta_model, state_shapes
 from fedslim.config import ConfigError, RunConfig
 from fedslim.data.types import TensorData
@@ -77,7 +77,7 @@ class TierBudget(BaseModel):
                                                         "else a count (none: no parameter limit)")
 
 
-class DACParams(HeteroFLParams):
+class DACParams(SubmodelParams):
     search_rounds: int = Field(1, ge=1, description="rounds of federated search before the architectures are "
                                                     "extracted (rounds 1 to search_rounds)")
     search_epochs: int | None = Field(None, ge=1, description="local epochs of a search task (default: train.epochs)")
@@ -96,13 +96,23 @@ class DACParams(HeteroFLParams):
         default_factory=dict, description="per device tier name, its MACs and params budget; a tier not named "
                                           "gets the MACs of its width-'width' model and params within its model_bytes")
 
-    @field_validator("model_split")
-    @classmethod
-    def _no_split(cls, v: str | None) -> str | None:
-        if v is not None:
-            raise ValueError("dac's levels are the device tiers (devices.tiers), each with the architecture searched "
-                             "for its budget; leave model_split unset")
-        return v
+    # HeteroFL's width-level parameters, which dac has no use for: setting one is an error that says why.
+    key_hints: ClassVar[dict[str, str]] = {
+        k: f"dac's levels are the device tiers (devices.tiers), each with the architecture searched for its budget, "
+           f"so HeteroFL's '{k}' does not apply; {what}"
+        for k, what in (("rates", "budgets come from the tiers' widths or algorithm.params.budgets"),
+                        ("model_split", "leave model_split unset"),
+                        ("assignment", "a device trains its tier's architecture (devices.assignment says which)"),
+                        ("scaler", "every architecture is cut from the supernet at rate 1, so nothing is scaled"))}
+
+    # What HeteroFL's code reads of the parameters above, fixed for dac.
+    @property
+    def model_split(self) -> None:
+        return None
+
+    @property
+    def scaler(self) -> bool:
+        return False
 
 
 @dataclass(frozen=True)

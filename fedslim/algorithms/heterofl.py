@@ -87,7 +87,9 @@ def parse_model_split(text: str, rates: dict[str, float], *, quote: bool = True)
     return out
 
 
-class HeteroFLParams(BaseModel):
+class WidthLevelParams(BaseModel):
+    """How HeteroFL-style methods turn device tiers or the paper's level letters into width rates."""
+
     model_config = ConfigDict(extra="forbid")
 
     rates: dict[str, float] = Field(default_factory=lambda: dict(PAPER_RATES),
@@ -97,8 +99,33 @@ class HeteroFLParams(BaseModel):
                           "none: one level per devices.tiers entry, at its width, assigned as the devices are")
     assignment: Literal["fixed", "dynamic"] = Field(
         "fixed", description="fixed: levels by client index; dynamic: re-drawn every round (model_split only)")
-    static_bn: bool = Field(True, description="no running BN statistics in training; query clients before eval")
     scaler: bool = Field(True, description="divide activations by rate / global rate while training")
+
+    @field_validator("rates")
+    @classmethod
+    def _check_rates(cls, v: dict[str, float]) -> dict[str, float]:
+        for k, r in v.items():
+            if len(k) != 1 or not k.isalpha():
+                raise ValueError(f"level names must be single letters, got {k!r}")
+            if not 0 < r <= 1:
+                raise ValueError(f"rate of '{k}' must be in (0, 1], got {r}")
+        return v
+
+    @field_validator("model_split")
+    @classmethod
+    def _check_split(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if v is not None:
+            parse_model_split(v, info.data.get("rates", PAPER_RATES), quote=False)
+        return v
+
+
+class SubmodelParams(BaseModel):
+    """What every sum-and-count method over sub-models shares: static BN and its query, the masked loss,
+    how holders are weighted, and which model local accuracy uses."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    static_bn: bool = Field(True, description="no running BN statistics in training; query clients before eval")
     masked_loss: bool | Literal["auto"] = Field(
         "auto", description="cross-entropy on logits masked to the client's labels; auto: unless the "
                             "partition is iid or quantity")
@@ -111,16 +138,6 @@ class HeteroFLParams(BaseModel):
     local_model: Literal["own", "global"] = Field(
         "own", description="model used for each client's local accuracy: its own level or the global model")
 
-    @field_validator("rates")
-    @classmethod
-    def _check_rates(cls, v: dict[str, float]) -> dict[str, float]:
-        for k, r in v.items():
-            if len(k) != 1 or not k.isalpha():
-                raise ValueError(f"level names must be single letters, got {k!r}")
-            if not 0 < r <= 1:
-                raise ValueError(f"rate of '{k}' must be in (0, 1], got {r}")
-        return v
-
     @field_validator("masked_loss", mode="before")
     @classmethod
     def _check_masked_loss(cls, v: Any) -> Any:
@@ -129,12 +146,9 @@ class HeteroFLParams(BaseModel):
             return v
         raise ValueError("must be true, false or 'auto'")
 
-    @field_validator("model_split")
-    @classmethod
-    def _check_split(cls, v: str | None, info: ValidationInfo) -> str | None:
-        if v is not None:
-            parse_model_split(v, info.data.get("rates", PAPER_RATES), quote=False)
-        return v
+
+class HeteroFLParams(SubmodelParams, WidthLevelParams):
+    """HeteroFL's, FedRolex's and Federated Dropout's parameters (the width levels first)."""
 
 
 @ALGORITHMS.register("heterofl", "HeteroFL (Diao et al. 2021): prefix sub-models, sum-and-count, static BN")
