@@ -24,8 +24,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
         overrides.append(f"output_dir={args.output_dir}")
     if args.rounds is not None:
         overrides.append(f"federation.rounds={args.rounds}")
+    progress = False if args.quiet else None
+    if args.seeds:
+        from fedslim.seeds import run_seeds
+
+        run_seeds(args.config, overrides, args.seeds, data_dir=args.data_dir, resume=args.resume, progress=progress)
+        return 0
     cfg = load_config(args.config, overrides)
-    Runner(cfg, data_dir=args.data_dir, resume=args.resume, progress=False if args.quiet else None).run()
+    Runner(cfg, data_dir=args.data_dir, resume=args.resume, progress=progress).run()
     return 0
 
 
@@ -75,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--resume", action="store_true",
                    help="continue the stopped run in the run folder; with --rounds N, continue it (stopped or "
                         "finished) to a new last round N")
+    r.add_argument("--seeds", type=int, nargs="+", metavar="SEED",
+                   help="run once per seed, into NAME-seed<SEED> each, then print accuracy as mean and spread "
+                        "over the seeds (with --resume, stopped seeds continue and the rest start)")
     r.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     r.set_defaults(func=_cmd_run)
 

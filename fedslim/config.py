@@ -285,6 +285,20 @@ def _model_fields(model: type[BaseModel], path: list[str | int]) -> list[str]:
     return []
 
 
+def comparable_config(cfg: RunConfig | dict[str, Any]) -> dict[str, Any]:
+    """The part of a config that decides the numbers. Also takes a saved one (a dict: a checkpoint's, or
+    a run folder's config.yaml), which older versions saved with more fields in it."""
+    d = copy.deepcopy(cfg) if isinstance(cfg, dict) else cfg.model_dump(mode="json")
+    d.pop("engine", None)  # where and how fast it runs does not change the numbers
+    # Nor where its files live: a run folder moved or renamed (output_dir, name), or a dataset moved
+    # (data.root, like --data-dir and $FEDSLIM_DATA, which were never compared), resumes as it was.
+    d.pop("output_dir", None)
+    d.pop("name", None)
+    if isinstance(d.get("data"), dict):
+        d["data"].pop("root", None)
+    return d
+
+
 def format_validation_error(err: ValidationError, root: type[BaseModel] = RunConfig, prefix: str = "") -> str:
     errors = err.errors()
     # An unknown key first: it is most likely the misspelling of a required key also reported missing.

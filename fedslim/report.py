@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+import re
+import statistics
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from fedslim.config import comparable_config
 from fedslim.results import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, atomic_write_bytes, read_jsonl
 
 
@@ -15,7 +19,7 @@ class ReportError(ValueError):
     pass
 
 
-def _load(run: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def load_run(run: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     rows = read_jsonl(run / METRICS_FILE)
     if not rows:
         raise ReportError(f"{run}: no {METRICS_FILE} with rows (is this a fedslim run folder?)")
@@ -67,7 +71,7 @@ def report(runs: list[str], out_dir: str | None = None) -> str:
     for p in paths:
         if not p.is_dir():
             raise ReportError(f"{p}: not a folder")
-    loaded = [(p, *_load(p)) for p in paths]
+    loaded = [(p, *load_run(p)) for p in paths]
     label_of = dict(zip(paths, run_labels(paths), strict=True))
     # Columns as wide as their longest entry: a truncated name can hide the level or tier that tells
     # two rows of one run apart.
@@ -110,6 +114,9 @@ def report(runs: list[str], out_dir: str | None = None) -> str:
             lines.append(f"{label_of[p]}: plus {_fmt_bytes(d.get('bytes_down', 0))} deployed once after training to "
                          f"the constrained devices ({d.get('served', 0)} devices served, {d.get('unserved', 0)} "
                          f"unserved); not in 'down', which counts training rounds as for every method")
+    groups, repeats = seed_groups([(label_of[p], p, s, rows) for p, s, rows in loaded])
+    if groups:
+        lines += ["", *seed_table(groups, repeats)]
     unfinished = [(p, s, rows) for p, s, rows in loaded if s.get("unfinished")]
     if unfinished:
         lines.append("")
@@ -119,9 +126,139 @@ def report(runs: list[str], out_dir: str | None = None) -> str:
                          f"(fedslim run --resume continues it from its last checkpoint)")
     out = Path(out_dir) if out_dir else paths[0].parent / "report"
     written = _plots([(label_of[p], s, rows) for p, s, rows in loaded], out)
+    if groups:
+        written.append(_seed_plot(groups, out))
     lines.append("")
     lines += [f"wrote {w}" for w in written]
     return "\n".join(lines)
+
+
+def _seed_and_rest(run: Path) -> tuple[int, str] | None:
+    """A run's seed, and the rest of its config as far as it decides the numbers (None when unreadable)."""
+    try:
+        cfg = yaml.safe_load((run / CONFIG_FILE).read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("seed", 0), int):
+        return None
+    d = comparable_config(cfg)
+    return d.pop("seed", 0), json.dumps(d, sort_keys=True, default=str)
+
+
+def _mean_sd(xs: list[float], scale: float = 1.0, fmt: str = ".2f") -> str:
+    return f"{statistics.fmean(xs) * scale:{fmt}} ± {statistics.stdev(xs) * scale:{fmt}}"
+
+
+@dataclass
+class SeedGroup:
+    """Finished runs whose configs differ in their seed alone, by seed: (label, summary, rows, seed)."""
+
+    name: str
+    runs: list[tuple[str, dict[str, Any], list[dict[str, Any]], int]]
+
+    @property
+    def labels(self) -> list[str]:
+        """The evaluated models every run of the group reports in its last round (global, levels, tiers)."""
+        first = self.runs[0][2][-1].get("eval", {})
+        return [k for k in first if all(k in rows[-1].get("eval", {}) for _, _, rows, _ in self.runs)]
+
+
+def seed_groups(runs: list[tuple[str, Path, dict[str, Any], list[dict[str, Any]]]]) -> tuple[list[SeedGroup],
+                                                                                              list[str]]:
+    """The groups of two or more finished runs among ``runs`` (label, folder, summary, rows) whose configs
+    differ in their seed alone, and a line for each run left out as the repeat of another's seed."""
+    by_config: dict[str, list[tuple[str, dict[str, Any], list[dict[str, Any]], int]]] = {}
+    for label, path, summary, rows in runs:
+        got = None if summary.get("unfinished") else _seed_and_rest(path)
+        if got is not None:
+            by_config.setdefault(got[1], []).append((label, summary, rows, got[0]))
+    groups, repeats = [], []
+    for members in by_config.values():
+        # The same config and seed give the same numbers (a copy, or a run repeated): counted once.
+        kept: dict[int, tuple[str, dict[str, Any], list[dict[str, Any]], int]] = {}
+        for m in members:
+            if m[3] in kept:
+                repeats.append(f"{m[0]} repeats {kept[m[3]][0]} (seed {m[3]}, same config): counted once")
+            else:
+                kept[m[3]] = m
+        if len(kept) > 1:
+            g = sorted(kept.values(), key=lambda m: m[3])
+            bases = {re.sub(r"-seed\d+$", "", label) for label, *_ in g}
+            name = f"{bases.pop()}-seed*" if len(bases) == 1 else ", ".join(label for label, *_ in g)
+            groups.append(SeedGroup(name, g))
+    return groups, repeats
+
+
+def seed_table(groups: list[SeedGroup], repeats: list[str]) -> list[str]:
+    """Lines of a table over seeds: per group and evaluated model, the final and best accuracy and the
+    weighted F1 as mean ± sample standard deviation; the mean traffic and simulated time. Empty without
+    a group."""
+    if not groups:
+        return []
+    table: list[tuple[str, ...]] = []
+    for g in groups:
+        for i, label in enumerate(g.labels):
+            finals = [rows[-1]["eval"][label] for _, _, rows, _ in g.runs]
+            best = [max(r["eval"][label]["acc"] for r in rows if label in r.get("eval", {}))
+                    for _, _, rows, _ in g.runs]
+            f1 = [m.get("f1_weighted", float("nan")) for m in finals]
+            run_cols: tuple[str, ...] = ("", "", "", "", "", "")
+            if i == 0:
+                lasts = [rows[-1] for _, _, rows, _ in g.runs]
+                run_cols = (str(g.runs[0][1].get("algorithm", "?")), str(len(g.runs)),
+                            ",".join(str(seed) for *_, seed in g.runs),
+                            _fmt_bytes(statistics.fmean(r["cum_bytes_up"] for r in lasts)),
+                            _fmt_bytes(statistics.fmean(r["cum_bytes_down"] for r in lasts)),
+                            f"{statistics.fmean(r.get('sim_time_s', 0.0) for r in lasts):.1f}")
+            table.append((g.name if label == "global" else f"{g.name}[{label}]", *run_cols[:3],
+                          _mean_sd([m["acc"] for m in finals], 100), _mean_sd(best, 100), _mean_sd(f1, 100),
+                          *run_cols[3:]))
+    heads = ("seeds of", "algo", "n", "seeds", "acc", "best", "f1_w", "up", "down", "sim s")
+    widths = [max(len(h), *(len(r[j]) for r in table)) for j, h in enumerate(heads)]
+    left = 4  # name, algo, n and seeds are text; the figures are right-aligned
+
+    def fmt(cells: tuple[str, ...]) -> str:
+        return " ".join(c.ljust(w) if j < left else c.rjust(w) for j, (c, w) in enumerate(zip(cells, widths,
+                                                                                                  strict=True)))
+
+    header = fmt(heads)
+    return ["Runs whose configs differ only in their seed: final round, mean ± sample std over the seeds "
+            "(up, down, sim s: means)", header, "-" * len(header), *(fmt(r).rstrip() for r in table), *repeats]
+
+
+def _seed_plot(groups: list[SeedGroup], out: Path) -> Path:
+    """Accuracy against rounds per seed group: the mean over the seeds, shaded one sample standard
+    deviation either side, over the rounds every seed evaluated."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for g in groups:
+        for label in g.labels:
+            per_run = [{r["round"]: r["eval"][label]["acc"] * 100 for r in rows if label in r.get("eval", {})}
+                       for _, _, rows, _ in g.runs]
+            rounds = sorted(set.intersection(*(set(d) for d in per_run)))
+            mean = [statistics.fmean(d[t] for d in per_run) for t in rounds]
+            sd = [statistics.stdev(d[t] for d in per_run) for t in rounds]
+            name = g.name if label == "global" else f"{g.name}[{label}]"
+            (line,) = ax.plot(rounds, mean, marker="o", ms=3, label=f"{name} (n={len(g.runs)})")
+            ax.fill_between(rounds, [m - d for m, d in zip(mean, sd, strict=True)],
+                            [m + d for m, d in zip(mean, sd, strict=True)], color=line.get_color(), alpha=0.2)
+    ax.set_xlabel("round")
+    ax.set_ylabel("test accuracy (%), mean ± sd over seeds")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    path = out / "accuracy_over_seeds.png"
+    atomic_write_bytes(path, buf.getvalue())
+    return path
 
 
 def _plots(loaded: list[tuple[str, dict[str, Any], list[dict[str, Any]]]], out: Path) -> list[Path]:
@@ -175,3 +312,9 @@ def _plain_log_ticks(ax: Any) -> None:
 
     ax.xaxis.set_major_formatter(FuncFormatter(fmt))
     ax.xaxis.set_minor_formatter(FuncFormatter(fmt))
+
+
+def seeds_summary(runs: list[Path]) -> list[str]:
+    """The table over seeds of these run folders, labelled as ``fedslim report`` labels them."""
+    labels = run_labels(runs)
+    return seed_table(*seed_groups([(label, p, *load_run(p)) for label, p in zip(labels, runs, strict=True)]))

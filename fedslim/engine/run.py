@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import sys
@@ -19,7 +18,7 @@ from torch import nn
 from fedslim import plugins
 from fedslim.algorithms.base import Algorithm, RunContext
 from fedslim.codecs import Codec, CodecContext, build_pipeline
-from fedslim.config import RunConfig, dump_config
+from fedslim.config import RunConfig, comparable_config, dump_config
 from fedslim.devices import DevicePopulation
 from fedslim.engine.codec_stats import CodecTally, sum_codec_rows
 from fedslim.engine.host import tune_malloc, use_channels_last, warm_up_optimizers
@@ -95,20 +94,6 @@ def compressible_names(model: nn.Module, targets: str) -> frozenset[str]:
     return frozenset(names)
 
 
-def _comparable(cfg: RunConfig | dict[str, Any]) -> dict[str, Any]:
-    """The part of a config that decides the numbers. Also takes a checkpoint's saved one (a dict),
-    which older versions saved with more fields in it."""
-    d = copy.deepcopy(cfg) if isinstance(cfg, dict) else cfg.model_dump(mode="json")
-    d.pop("engine", None)  # where and how fast it runs does not change the numbers
-    # Nor where its files live: a run folder moved or renamed (output_dir, name), or a dataset moved
-    # (data.root, like --data-dir and $FEDSLIM_DATA, which were never compared), resumes as it was.
-    d.pop("output_dir", None)
-    d.pop("name", None)
-    if isinstance(d.get("data"), dict):
-        d["data"].pop("root", None)
-    return d
-
-
 ROUNDS_FIELD = "federation.rounds"
 
 
@@ -154,7 +139,10 @@ class Runner:
         self._profiles: dict[ModelSpec, dict[str, int]] = {}
 
     # ------------------------------------------------------------------ set-up
-    def _check_run_dir(self, quiet: bool = False) -> None:
+    def check_run_dir(self, quiet: bool = False) -> None:
+        """Refuse, before anything is built or written, a run folder this run may not write: a file in
+        its path, a finished or stopped run without --resume, a --resume with nothing or another config
+        to resume."""
         for d in (self.run_dir, *self.run_dir.parents):
             if d.exists() and not d.is_dir():
                 raise RunError(f"output_dir: {d} is a file, not a folder; choose another output_dir or name "
@@ -170,7 +158,7 @@ class Runner:
             except (OSError, yaml.YAMLError, ValueError) as e:
                 raise RunError(f"--resume: {cfg_file} is missing or unreadable, so the checkpoint cannot be "
                                f"matched to its config ({type(e).__name__})") from None
-            diffs = _other_diffs(_diff(_comparable(saved), _comparable(self.cfg)))
+            diffs = _other_diffs(_diff(comparable_config(saved), comparable_config(self.cfg)))
             if diffs:
                 raise RunError(f"--resume: the checkpoint in {self.run_dir} is from another config: {diffs[0]}"
                                + (f" (+{len(diffs) - 1} more)" if len(diffs) > 1 else ""))
@@ -413,11 +401,11 @@ class Runner:
             raise RunError(f"{self.run_dir} is in use by another fedslim run (it holds {LOCK_FILE}); wait for it "
                            f"to end, or choose another name (--set name=...)") from None
         self._lock_fd = fd
-        self._check_run_dir(quiet=True)
+        self.check_run_dir(quiet=True)
 
     def _run(self) -> dict[str, Any]:
         cfg = self.cfg
-        self._check_run_dir()
+        self.check_run_dir()
         self._build()
         try:
             self.algo.setup()  # before the folder is made: a model that cannot be built leaves none behind
@@ -451,8 +439,8 @@ class Runner:
                 self.backend.close()
                 raise RunError(f"{self.run_dir / CHECKPOINT_FILE}: checkpoint version {ck.get('version')} "
                                f"is not supported (expected {CHECKPOINT_VERSION})")
-            saved_cfg = _comparable(ck["config"]) if isinstance(ck.get("config"), dict) else {}
-            diffs = _diff(saved_cfg, _comparable(cfg))
+            saved_cfg = comparable_config(ck["config"]) if isinstance(ck.get("config"), dict) else {}
+            diffs = _diff(saved_cfg, comparable_config(cfg))
             others = _other_diffs(diffs)
             if others or (diffs and not isinstance(saved_cfg.get("federation", {}).get("rounds"), int)):
                 self.backend.close()
@@ -573,7 +561,7 @@ class Runner:
                 if rnd % cfg.engine.checkpoint_every == 0 or last:
                     write_jsonl(self.run_dir / TIMINGS_FILE, timings)
                     save_checkpoint(self.run_dir / CHECKPOINT_FILE, {
-                        "version": CHECKPOINT_VERSION, "round": rnd, "config": _comparable(cfg),
+                        "version": CHECKPOINT_VERSION, "round": rnd, "config": comparable_config(cfg),
                         "algorithm": self.algo.state_dict(), "codec_up": self.codec_up.state_dict(),
                         "codec_down": self.codec_down.state_dict(), "cumulative": dict(cum),
                         "pending_comm": list(pending_comm), "codec_tally": self.tally,
