@@ -116,7 +116,7 @@ def report(runs: list[str], out_dir: str | None = None) -> str:
                          f"unserved); not in 'down', which counts training rounds as for every method")
     groups, repeats = seed_groups([(label_of[p], p, s, rows) for p, s, rows in loaded])
     if groups:
-        lines += ["", *seed_table(groups, repeats)]
+        lines += ["", *seed_table(groups, repeats), *paired_differences(groups)]
     unfinished = [(p, s, rows) for p, s, rows in loaded if s.get("unfinished")]
     if unfinished:
         lines.append("")
@@ -133,7 +133,7 @@ def report(runs: list[str], out_dir: str | None = None) -> str:
     return "\n".join(lines)
 
 
-def _seed_and_rest(run: Path) -> tuple[int, str] | None:
+def _seed_and_rest(run: Path) -> tuple[int, dict[str, Any]] | None:
     """A run's seed, and the rest of its config as far as it decides the numbers (None when unreadable)."""
     try:
         cfg = yaml.safe_load((run / CONFIG_FILE).read_text())
@@ -142,7 +142,7 @@ def _seed_and_rest(run: Path) -> tuple[int, str] | None:
     if not isinstance(cfg, dict) or not isinstance(cfg.get("seed", 0), int):
         return None
     d = comparable_config(cfg)
-    return d.pop("seed", 0), json.dumps(d, sort_keys=True, default=str)
+    return d.pop("seed", 0), d
 
 
 def _mean_sd(xs: list[float], scale: float = 1.0, fmt: str = ".2f") -> str:
@@ -155,6 +155,7 @@ class SeedGroup:
 
     name: str
     runs: list[tuple[str, dict[str, Any], list[dict[str, Any]], int]]
+    config: dict[str, Any]  # what decides the numbers, less the seed
 
     @property
     def labels(self) -> list[str]:
@@ -168,12 +169,15 @@ def seed_groups(runs: list[tuple[str, Path, dict[str, Any], list[dict[str, Any]]
     """The groups of two or more finished runs among ``runs`` (label, folder, summary, rows) whose configs
     differ in their seed alone, and a line for each run left out as the repeat of another's seed."""
     by_config: dict[str, list[tuple[str, dict[str, Any], list[dict[str, Any]], int]]] = {}
+    configs: dict[str, dict[str, Any]] = {}
     for label, path, summary, rows in runs:
         got = None if summary.get("unfinished") else _seed_and_rest(path)
         if got is not None:
-            by_config.setdefault(got[1], []).append((label, summary, rows, got[0]))
+            key = json.dumps(got[1], sort_keys=True, default=str)
+            configs[key] = got[1]
+            by_config.setdefault(key, []).append((label, summary, rows, got[0]))
     groups, repeats = [], []
-    for members in by_config.values():
+    for key, members in by_config.items():
         # The same config and seed give the same numbers (a copy, or a run repeated): counted once.
         kept: dict[int, tuple[str, dict[str, Any], list[dict[str, Any]], int]] = {}
         for m in members:
@@ -185,7 +189,7 @@ def seed_groups(runs: list[tuple[str, Path, dict[str, Any], list[dict[str, Any]]
             g = sorted(kept.values(), key=lambda m: m[3])
             bases = {re.sub(r"-seed\d+$", "", label) for label, *_ in g}
             name = f"{bases.pop()}-seed*" if len(bases) == 1 else ", ".join(label for label, *_ in g)
-            groups.append(SeedGroup(name, g))
+            groups.append(SeedGroup(name, g, configs[key]))
     return groups, repeats
 
 
@@ -224,6 +228,47 @@ def seed_table(groups: list[SeedGroup], repeats: list[str]) -> list[str]:
     header = fmt(heads)
     return ["Runs whose configs differ only in their seed: final round, mean ± sample std over the seeds "
             "(up, down, sim s: means)", header, "-" * len(header), *(fmt(r).rstrip() for r in table), *repeats]
+
+
+# What a seed draws from: where these agree, one seed is one split, device population, initial model
+# and cohort sequence, whatever the algorithm, codec and local training.
+PAIRED_SECTIONS = ("data", "model", "devices", "federation")
+
+
+def paired_differences(groups: list[SeedGroup]) -> list[str]:
+    """Lines comparing every seed group with the first one, seed by seed: the same seed is the same split,
+    devices and initial weights, so the per-seed difference in final accuracy leaves that draw out.
+
+    A model compares with the first group's model of the same name (``global``, a level, a tier), or,
+    when the first group has one model only, every model does (HeteroFL's levels against FedAvg)."""
+    if len(groups) < 2:
+        return []
+    ref = groups[0]
+    ref_acc = {seed: rows[-1]["eval"] for _, _, rows, seed in ref.runs}
+    lines = []
+    for g in groups[1:]:
+        common = [seed for *_, seed in g.runs if seed in ref_acc]
+        differ = [k for k in PAIRED_SECTIONS if g.config.get(k) != ref.config.get(k)]
+        if differ:
+            lines.append(f"{g.name} - {ref.name}: not paired, they differ in {', '.join(differ)} (a seed draws the "
+                         f"same split, devices and weights only where those agree)")
+            continue
+        if len(common) < 2:
+            lines.append(f"{g.name} - {ref.name}: fewer than two seeds in common, not compared")
+            continue
+        mine = {seed: rows[-1]["eval"] for _, _, rows, seed in g.runs}
+        for label in g.labels:
+            other = label if label in ref.labels else (ref.labels[0] if len(ref.labels) == 1 else None)
+            if other is None:
+                continue
+            diffs = [(mine[s][label]["acc"] - ref_acc[s][other]["acc"]) * 100 for s in common]
+            a = g.name if label == "global" else f"{g.name}[{label}]"
+            b = ref.name if other == "global" else f"{ref.name}[{other}]"
+            lines.append(f"{a} - {b}: {statistics.fmean(diffs):+.2f} ± {statistics.stdev(diffs):.2f} points of "
+                         f"final accuracy over seeds {','.join(map(str, common))} (per seed: "
+                         f"{', '.join(f'{d:+.2f}' for d in diffs)})")
+    return ["", "Paired by seed (the same split, devices and initial weights), mean ± sample std:", *lines] \
+        if lines else []
 
 
 def _seed_plot(groups: list[SeedGroup], out: Path) -> Path:
@@ -317,4 +362,5 @@ def _plain_log_ticks(ax: Any) -> None:
 def seeds_summary(runs: list[Path]) -> list[str]:
     """The table over seeds of these run folders, labelled as ``fedslim report`` labels them."""
     labels = run_labels(runs)
-    return seed_table(*seed_groups([(label, p, *load_run(p)) for label, p in zip(labels, runs, strict=True)]))
+    groups, repeats = seed_groups([(label, p, *load_run(p)) for label, p in zip(labels, runs, strict=True)])
+    return seed_table(groups, repeats)

@@ -108,3 +108,26 @@ def test_report_groups_only_runs_that_differ_in_their_seed(tmp_path: Path, tiny_
     assert main(["report", str(out_dir / "tiny-seed4"), str(out_dir / "lr"), "--out", str(tmp_path / "p2")]) == 0
     assert "differ only in their seed" not in capsys.readouterr().out
     assert not (tmp_path / "p2" / "accuracy_over_seeds.png").exists()
+
+
+def test_report_pairs_seed_groups_by_seed_where_the_draw_is_the_same(tmp_path: Path, tiny_cfg: dict,
+                                                                     capsys) -> None:
+    p = _write(tmp_path, tiny_cfg)
+    out_dir = Path(tiny_cfg["output_dir"])
+    assert main(["run", str(p), "-q", "--seeds", "4", "5", "--rounds", "2"]) == 0
+    # Another learning rate: the same split, devices, initial model and cohorts, seed by seed.
+    assert main(["run", str(p), "-q", "--seeds", "4", "5", "--rounds", "2", "--name", "fast",
+                 "--set", "train.optimizer.lr=0.2"]) == 0
+    # Another number of rounds: another federation, so seed 4 is not the same draw.
+    assert main(["run", str(p), "-q", "--seeds", "4", "5", "--rounds", "3", "--name", "long"]) == 0
+    capsys.readouterr()
+    runs = [str(out_dir / f"{n}-seed{s}") for n in ("tiny", "fast", "long") for s in (4, 5)]
+    assert main(["report", *runs, "--out", str(tmp_path / "plots")]) == 0
+    out = capsys.readouterr().out
+    diffs = [_final_accs(out_dir / f"fast-seed{s}")[0] - _final_accs(out_dir / f"tiny-seed{s}")[0] for s in (4, 5)]
+    assert len(set(diffs)) > 1  # not one draw shifted: the per-seed differences vary
+    line = next(ln for ln in out.splitlines() if ln.startswith("fast-seed* - tiny-seed*: "))
+    mean, sd = (float(v) for v in line.split(": ")[1].split(" points")[0].split(" ± "))
+    assert mean == pytest.approx(statistics.fmean(diffs), abs=0.006)
+    assert sd == pytest.approx(statistics.stdev(diffs), abs=0.006)
+    assert "long-seed* - tiny-seed*: not paired, they differ in federation " in out
