@@ -271,17 +271,31 @@ def paired_differences(groups: list[SeedGroup]) -> list[str]:
         if lines else []
 
 
-def _seed_plot(groups: list[SeedGroup], out: Path) -> Path:
-    """Accuracy against rounds per seed group: the mean over the seeds, shaded one sample standard
-    deviation either side, over the rounds every seed evaluated."""
-    import io
-
+def _pyplot() -> Any:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    return plt
+
+
+def _save(fig: Any, path: Path) -> Path:
+    """Write the figure to ``path`` whole or not at all (a report run again replaces its plots)."""
+    import io
+
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    _pyplot().close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+    return path
+
+
+def _seed_plot(groups: list[SeedGroup], out: Path) -> Path:
+    """Accuracy against rounds per seed group: the mean over the seeds, shaded one sample standard
+    deviation either side, over the rounds every seed evaluated."""
+    fig, ax = _pyplot().subplots(figsize=(7, 4.5))
     for g in groups:
         for label in g.labels:
             per_run = [{r["round"]: r["eval"][label]["acc"] * 100 for r in rows if label in r.get("eval", {})}
@@ -297,23 +311,11 @@ def _seed_plot(groups: list[SeedGroup], out: Path) -> Path:
     ax.set_ylabel("test accuracy (%), mean ± sd over seeds")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    path = out / "accuracy_over_seeds.png"
-    atomic_write_bytes(path, buf.getvalue())
-    return path
+    return _save(fig, out / "accuracy_over_seeds.png")
 
 
 def _plots(loaded: list[tuple[str, dict[str, Any], list[dict[str, Any]]]], out: Path) -> list[Path]:
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     written = []
     # Bytes get two panels: with an uncompressed downlink the total hides what an uplink codec saved.
     xs_of = {"round": ("round", lambda r: r["round"]),
@@ -337,12 +339,7 @@ def _plots(loaded: list[tuple[str, dict[str, Any], list[dict[str, Any]]]], out: 
                 _plain_log_ticks(ax)
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
-        fig.tight_layout()
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=110)
-        plt.close(fig)
-        atomic_write_bytes(out / fname, buf.getvalue())
-        written.append(out / fname)
+        written.append(_save(fig, out / fname))
     return written
 
 
