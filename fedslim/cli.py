@@ -52,7 +52,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
 def _cmd_report(args: argparse.Namespace) -> int:
     from fedslim.report import report
 
-    print(report(args.runs, out_dir=args.out))
+    print(report(args.runs, out_dir=args.out, target=args.target))
     return 0
 
 
@@ -103,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="compare runs: a table and accuracy plots")
     rep.add_argument("runs", nargs="+", help="run folders")
     rep.add_argument("--out", help="folder for plots (default: the first run's parent / report)")
+    rep.add_argument("--target", type=float, metavar="ACC",
+                     help="also tabulate the round, bytes and simulated time each run took to first reach ACC %% "
+                          "test accuracy")
     rep.set_defaults(func=_cmd_report)
 
     from fedslim.data.cli import add_data_commands

@@ -66,7 +66,9 @@ def run_labels(paths: list[Path]) -> list[str]:
     return labels
 
 
-def report(runs: list[str], out_dir: str | None = None) -> str:
+def report(runs: list[str], out_dir: str | None = None, target: float | None = None) -> str:
+    if target is not None and not 0 < target <= 100:
+        raise ReportError(f"--target: {target:g} is not a test accuracy; allowed: a percentage, 0 < ACC <= 100")
     paths = [Path(r) for r in runs]
     for p in paths:
         if not p.is_dir():
@@ -117,6 +119,8 @@ def report(runs: list[str], out_dir: str | None = None) -> str:
     groups, repeats = seed_groups([(label_of[p], p, s, rows) for p, s, rows in loaded])
     if groups:
         lines += ["", *seed_table(groups, repeats), *paired_differences(groups)]
+    if target is not None:
+        lines += ["", *target_table([(label_of[p], rows) for p, _, rows in loaded], target, groups)]
     unfinished = [(p, s, rows) for p, s, rows in loaded if s.get("unfinished")]
     if unfinished:
         lines.append("")
@@ -217,17 +221,67 @@ def seed_table(groups: list[SeedGroup], repeats: list[str]) -> list[str]:
             table.append((g.name if label == "global" else f"{g.name}[{label}]", *run_cols[:3],
                           _mean_sd([m["acc"] for m in finals], 100), _mean_sd(best, 100), _mean_sd(f1, 100),
                           *run_cols[3:]))
-    heads = ("seeds of", "algo", "n", "seeds", "acc", "best", "f1_w", "up", "down", "sim s")
+    # Name, algo, n and seeds are text; the figures are right-aligned.
+    return ["Runs whose configs differ only in their seed: final round, mean ± sample std over the seeds "
+            "(up, down, sim s: means)",
+            *_columns(("seeds of", "algo", "n", "seeds", "acc", "best", "f1_w", "up", "down", "sim s"), table,
+                      "llllrrrrrr"),
+            *repeats]
+
+
+def _columns(heads: tuple[str, ...], table: list[tuple[str, ...]], align: str) -> list[str]:
+    """Header, rule and rows, each column as wide as its longest cell, aligned as ``align`` says of each
+    column ('l' left, 'r' right)."""
     widths = [max(len(h), *(len(r[j]) for r in table)) for j, h in enumerate(heads)]
-    left = 4  # name, algo, n and seeds are text; the figures are right-aligned
 
     def fmt(cells: tuple[str, ...]) -> str:
-        return " ".join(c.ljust(w) if j < left else c.rjust(w) for j, (c, w) in enumerate(zip(cells, widths,
-                                                                                                  strict=True)))
+        return " ".join(c.ljust(w) if a == "l" else c.rjust(w)
+                        for c, w, a in zip(cells, widths, align, strict=True)).rstrip()
 
     header = fmt(heads)
-    return ["Runs whose configs differ only in their seed: final round, mean ± sample std over the seeds "
-            "(up, down, sim s: means)", header, "-" * len(header), *(fmt(r).rstrip() for r in table), *repeats]
+    return [header, "-" * len(header), *(fmt(r) for r in table)]
+
+
+def target_table(runs: list[tuple[str, list[dict[str, Any]]]], target: float,
+                 groups: list[SeedGroup] | None = None) -> list[str]:
+    """Lines of a table of what each run (label, rows) and evaluated model spent until its test accuracy
+    first reached ``target`` percent, at an evaluated round: that round, the bytes up and down so far and
+    the simulated time. A seed group gets the means where every seed reached it."""
+    table: list[tuple[str, ...]] = []
+
+    def reach(rows: list[dict[str, Any]], label: str) -> dict[str, Any] | None:
+        return next((r for r in rows if label in r.get("eval", {}) and r["eval"][label]["acc"] * 100 >= target),
+                    None)
+
+    for run, rows in runs:
+        for label in rows[-1].get("eval", {}):
+            name = run if label == "global" else f"{run}[{label}]"
+            hit = reach(rows, label)
+            if hit is None:
+                best = max(r["eval"][label]["acc"] for r in rows if label in r.get("eval", {}))
+                table.append((name, "-", "", "", "", "", f"not reached (best {best * 100:.2f} by round "
+                                                          f"{rows[-1]['round']})"))
+            else:
+                table.append((name, str(hit["round"]), _fmt_bytes(hit["cum_bytes_up"]),
+                              _fmt_bytes(hit["cum_bytes_down"]),
+                              _fmt_bytes(hit["cum_bytes_up"] + hit["cum_bytes_down"]),
+                              f"{hit.get('sim_time_s', 0.0):.1f}", ""))
+    for g in groups or []:
+        for label in g.labels:
+            name = (g.name if label == "global" else f"{g.name}[{label}]") + f" (mean of {len(g.runs)})"
+            hits = [reach(rows, label) for _, _, rows, _ in g.runs]
+            got = [h for h in hits if h is not None]
+            if len(got) < len(hits):
+                table.append((name, "-", "", "", "", "", f"reached by {len(got)} of {len(hits)} seeds"))
+                continue
+            table.append((name, f"{statistics.fmean(h['round'] for h in got):.1f}",
+                          _fmt_bytes(statistics.fmean(h["cum_bytes_up"] for h in got)),
+                          _fmt_bytes(statistics.fmean(h["cum_bytes_down"] for h in got)),
+                          _fmt_bytes(statistics.fmean(h["cum_bytes_up"] + h["cum_bytes_down"] for h in got)),
+                          f"{statistics.fmean(h.get('sim_time_s', 0.0) for h in got):.1f}", ""))
+    return [f"To {target:g} % test accuracy: the first evaluated round at or above it, and the bytes and "
+            f"simulated time spent until then",
+            *_columns(("run", "round", "up", "down", "up+down", "sim s", ""), table, "lrrrrrl")]
 
 
 # What a seed draws from: where these agree, one seed is one split, device population, initial model

@@ -131,3 +131,36 @@ def test_report_pairs_seed_groups_by_seed_where_the_draw_is_the_same(tmp_path: P
     assert mean == pytest.approx(statistics.fmean(diffs), abs=0.006)
     assert sd == pytest.approx(statistics.stdev(diffs), abs=0.006)
     assert "long-seed* - tiny-seed*: not paired, they differ in federation " in out
+
+
+def test_report_target_gives_the_round_bytes_and_time_to_an_accuracy(tmp_path: Path, tiny_cfg: dict,
+                                                                     capsys) -> None:
+    p = _write(tmp_path, tiny_cfg)
+    out_dir = Path(tiny_cfg["output_dir"])
+    assert main(["run", str(p), "-q", "--seeds", "4", "5", "--rounds", "3"]) == 0
+    runs = [out_dir / f"tiny-seed{s}" for s in (4, 5)]
+    rows = {r.name: [json.loads(line) for line in (r / "metrics.jsonl").read_text().splitlines()] for r in runs}
+    accs = {n: [row["eval"]["global"]["acc"] * 100 for row in rs] for n, rs in rows.items()}
+    # Reached by both, at a round each finds for itself.
+    target = round(min(max(a) for a in accs.values()) - 0.005, 2)
+    capsys.readouterr()
+    assert main(["report", *map(str, runs), "--out", str(tmp_path / "plots"), "--target", str(target)]) == 0
+    out = capsys.readouterr().out
+    table = out.split(f"To {target:g} % test accuracy")[1].splitlines()
+    hits = {}
+    for name, rs in rows.items():
+        hit = next(r for r, a in zip(rs, accs[name], strict=True) if a >= target)
+        hits[name] = hit
+        cells = next(ln for ln in table if ln.startswith(name + " ")).split()
+        assert cells[1] == str(hit["round"])
+        assert cells[-1] == f"{hit['sim_time_s']:.1f}"
+    mean_round = statistics.fmean(h["round"] for h in hits.values())
+    assert next(ln for ln in table if ln.startswith("tiny-seed* (mean of 2)")).split()[4] == f"{mean_round:.1f}"
+    # Reached by none: each run says its best, and the group how many reached it.
+    top = max(max(a) for a in accs.values()) + 1
+    assert main(["report", *map(str, runs), "--out", str(tmp_path / "plots"), "--target", f"{top:.2f}"]) == 0
+    out = capsys.readouterr().out
+    assert "tiny-seed4 " in out and f"not reached (best {max(accs['tiny-seed4']):.2f} by round 3)" in out
+    assert "reached by 0 of 2 seeds" in out
+    assert main(["report", str(runs[0]), "--target", "101"]) == 2
+    assert "--target: 101 is not a test accuracy; allowed: a percentage, 0 < ACC <= 100" in capsys.readouterr().err
