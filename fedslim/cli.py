@@ -52,7 +52,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
 def _cmd_report(args: argparse.Namespace) -> int:
     from fedslim.report import report
 
-    print(report(args.runs, out_dir=args.out, target=args.target))
+    print(report(args.runs, out_dir=args.out, target=args.target, csv_path=args.csv))
     return 0
 
 
@@ -106,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--target", type=float, metavar="ACC",
                      help="also tabulate the round, bytes and simulated time each run took to first reach ACC %% "
                           "test accuracy")
+    rep.add_argument("--csv", metavar="FILE", help="also write one row per run and evaluated model (every metric "
+                                                  "of its last evaluated round, seed, bytes, simulated time) to FILE")
     rep.set_defaults(func=_cmd_report)
 
     from fedslim.data.cli import add_data_commands

@@ -12,7 +12,7 @@ from typing import Any
 import yaml
 
 from fedslim.config import comparable_config
-from fedslim.results import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, atomic_write_bytes, read_jsonl
+from fedslim.results import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, atomic_write_bytes, atomic_write_text, read_jsonl
 
 
 class ReportError(ValueError):
@@ -66,7 +66,8 @@ def run_labels(paths: list[Path]) -> list[str]:
     return labels
 
 
-def report(runs: list[str], out_dir: str | None = None, target: float | None = None) -> str:
+def report(runs: list[str], out_dir: str | None = None, target: float | None = None,
+           csv_path: str | None = None) -> str:
     if target is not None and not 0 < target <= 100:
         raise ReportError(f"--target: {target:g} is not a test accuracy; allowed: a percentage, 0 < ACC <= 100")
     paths = [Path(r) for r in runs]
@@ -132,9 +133,50 @@ def report(runs: list[str], out_dir: str | None = None, target: float | None = N
     written = _plots([(label_of[p], s, rows) for p, s, rows in loaded], out)
     if groups:
         written.append(_seed_plot(groups, out))
+    if csv_path is not None:
+        written.append(write_csv(Path(csv_path), [(label_of[p], p, s, rows) for p, s, rows in loaded]))
     lines.append("")
     lines += [f"wrote {w}" for w in written]
     return "\n".join(lines)
+
+
+def write_csv(path: Path, runs: list[tuple[str, Path, dict[str, Any], list[dict[str, Any]]]]) -> Path:
+    """One row per run and evaluated model (global, level, tier, local/<tier>) at the run's last
+    evaluated round: every metric it recorded, the best accuracy over its rounds, and the run's seed,
+    traffic and simulated time so far. For a spreadsheet or a data frame."""
+    import csv
+    import io
+
+    fixed = ["run", "folder", "algorithm", "model", "dataset", "seed", "evaluated", "round", "finished"]
+    records: list[dict[str, Any]] = []
+    metrics: list[str] = []
+    for label, folder, summary, rows in runs:
+        last = rows[-1]
+        got = _seed_and_rest(folder)
+        base = {"run": label, "folder": str(folder), "algorithm": summary.get("algorithm"),
+                "model": summary.get("model"), "dataset": summary.get("dataset"),
+                "seed": got[0] if got else None, "round": last["round"], "finished": not summary.get("unfinished")}
+        run_cols = {"bytes_up": last["cum_bytes_up"], "bytes_down": last["cum_bytes_down"],
+                    "sim_time_s": last.get("sim_time_s")}
+        evaluated = [(k, m, max(r["eval"][k]["acc"] for r in rows if k in r.get("eval", {})))
+                     for k, m in last.get("eval", {}).items()]
+        evaluated += [(f"local/{k}", m, None) for k, m in (last.get("local") or {}).items()]
+        for name, m, best in evaluated:
+            for k in m:
+                if k not in metrics:
+                    metrics.append(k)
+            records.append({**base, "evaluated": name, **m, "best_acc": best, **run_cols})
+    columns = [*fixed, *metrics, "best_acc", "bytes_up", "bytes_down", "sim_time_s"]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=columns, restval="", lineterminator="\n")
+    w.writeheader()
+    for rec in records:
+        w.writerow({k: "" if v is None else v for k, v in rec.items()})
+    try:
+        atomic_write_text(path, buf.getvalue())
+    except OSError as e:
+        raise ReportError(f"--csv: cannot write {path} ({e.strerror or e})") from None
+    return path
 
 
 def _seed_and_rest(run: Path) -> tuple[int, dict[str, Any]] | None:
@@ -374,8 +416,10 @@ def _plots(loaded: list[tuple[str, dict[str, Any], list[dict[str, Any]]]], out: 
     # Bytes get two panels: with an uncompressed downlink the total hides what an uplink codec saved.
     xs_of = {"round": ("round", lambda r: r["round"]),
              "total": ("cumulative bytes (up + down, MB)", lambda r: (r["cum_bytes_up"] + r["cum_bytes_down"]) / 1e6),
-             "up": ("cumulative uplink bytes (MB)", lambda r: r["cum_bytes_up"] / 1e6)}
-    for panels, fname in ((("round",), "accuracy_vs_round.png"), (("total", "up"), "accuracy_vs_bytes.png")):
+             "up": ("cumulative uplink bytes (MB)", lambda r: r["cum_bytes_up"] / 1e6),
+             "time": ("simulated wall-clock time (s)", lambda r: r.get("sim_time_s", 0.0))}
+    for panels, fname in ((("round",), "accuracy_vs_round.png"), (("total", "up"), "accuracy_vs_bytes.png"),
+                          (("time",), "accuracy_vs_sim_time.png")):
         fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 4.5), squeeze=False)
         for ax, panel in zip(axes[0], panels, strict=True):
             xlabel, x_of = xs_of[panel]
@@ -388,7 +432,7 @@ def _plots(loaded: list[tuple[str, dict[str, Any], list[dict[str, Any]]]], out: 
                             ms=3, label=name)
             ax.set_xlabel(xlabel)
             ax.set_ylabel("test accuracy (%)")
-            if panel != "round":
+            if panel in ("total", "up"):
                 ax.set_xscale("log")
                 _plain_log_ticks(ax)
             ax.grid(alpha=0.3)

@@ -115,6 +115,7 @@ def test_report_table_and_plots(tmp_path: Path, tiny_cfg: dict, capsys) -> None:
     assert "r1" in out and "r2" in out
     assert (out_dir / "accuracy_vs_round.png").stat().st_size > 1000
     assert (out_dir / "accuracy_vs_bytes.png").stat().st_size > 1000
+    assert (out_dir / "accuracy_vs_sim_time.png").stat().st_size > 1000
     assert main(["report", str(tmp_path)]) == 2
 
 

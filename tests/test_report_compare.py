@@ -1,4 +1,5 @@
-"""``fedslim run --seeds`` and the table over seeds in ``fedslim report``."""
+"""Comparing runs: ``fedslim run --seeds``, and in ``fedslim report`` the tables over seeds and to a
+target accuracy, and the CSV export."""
 
 from __future__ import annotations
 
@@ -164,3 +165,33 @@ def test_report_target_gives_the_round_bytes_and_time_to_an_accuracy(tmp_path: P
     assert "reached by 0 of 2 seeds" in out
     assert main(["report", str(runs[0]), "--target", "101"]) == 2
     assert "--target: 101 is not a test accuracy; allowed: a percentage, 0 < ACC <= 100" in capsys.readouterr().err
+
+
+def test_report_csv_has_a_row_per_run_and_evaluated_model(tmp_path: Path, tiny_cfg: dict, capsys) -> None:
+    import csv
+
+    p = _write(tmp_path, tiny_cfg)
+    out_dir = Path(tiny_cfg["output_dir"])
+    assert main(["run", str(p), "-q", "--seeds", "4", "5", "--rounds", "2", "--set", "eval.local=true",
+                 "--set", "data.local_test_fraction=0.2"]) == 0
+    runs = [out_dir / f"tiny-seed{s}" for s in (4, 5)]
+    target = tmp_path / "tables" / "runs.csv"
+    assert main(["report", *map(str, runs), "--out", str(tmp_path / "plots"), "--csv", str(target)]) == 0
+    assert f"wrote {target}" in capsys.readouterr().out
+    got = list(csv.DictReader(target.open()))
+    want = []
+    for s, run in zip((4, 5), runs, strict=True):
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        last = rows[-1]
+        for name, m in [*last["eval"].items(), *((f"local/{k}", v) for k, v in last["local"].items())]:
+            want.append((f"tiny-seed{s}", str(s), name, str(last["round"]), str(m["acc"]), str(last["cum_bytes_up"])))
+        assert [r["best_acc"] for r in got if r["run"] == f"tiny-seed{s}" and r["evaluated"] == "global"] == [
+            str(max(r["eval"]["global"]["acc"] for r in rows))]
+    assert [(r["run"], r["seed"], r["evaluated"], r["round"], r["acc"], r["bytes_up"]) for r in got] == want
+    assert {"f1_macro", "f1_weighted", "precision", "recall", "loss", "sim_time_s"} <= set(got[0])
+    assert (tmp_path / "plots" / "accuracy_vs_sim_time.png").stat().st_size > 1000
+
+    (tmp_path / "file").write_text("")
+    bad = str(tmp_path / "file" / "x.csv")  # under a file: no folder can be made
+    assert main(["report", str(runs[0]), "--out", str(tmp_path / "plots"), "--csv", bad]) == 2
+    assert capsys.readouterr().err.startswith("fedslim: --csv: cannot write ")
