@@ -30,6 +30,7 @@ def test_run_writes_folder_and_learns(tmp_path: Path, tiny_cfg: dict) -> None:
     assert [r["round"] for r in rows] == [1, 2, 3, 4]
     # synthetic blobs are separable: the model must beat chance (0.25) clearly
     assert summary["final"]["global"]["acc"] > 0.6
+    assert (summary["name"], summary["seed"]) == ("tiny", 3)
     for key in ("acc", "top4", "f1_macro", "f1_weighted", "precision", "recall", "loss"):
         assert key in rows[-1]["eval"]["global"], key
     # bytes are real payload lengths: float32 exact codec => at least 4 bytes per parameter per client

@@ -602,8 +602,8 @@ class Runner:
         best = {label: max(r["eval"][label]["acc"] for r in rows if label in r.get("eval", {}))
                 for label in last.get("eval", {})}
         return {
-            "name": self.cfg.name, "algorithm": self.cfg.algorithm.name, "dataset": self.cfg.data.dataset,
-            "model": self.cfg.model.name, "rounds": self.cfg.federation.rounds,
+            "name": self.cfg.name, "seed": self.cfg.seed, "algorithm": self.cfg.algorithm.name,
+            "dataset": self.cfg.data.dataset, "model": self.cfg.model.name, "rounds": self.cfg.federation.rounds,
             "clients": self.cfg.data.num_clients, "final": last.get("eval", {}), "best_acc": best,
             "local": last.get("local"), "bytes_up": cum["up"], "bytes_down": cum["down"],
             "sim_time_s": cum["sim_time_s"], "models": models, "notes": self.ctx.notes,
