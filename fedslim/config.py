@@ -235,6 +235,10 @@ class RunConfig(Strict):
     name: str = "run"
     seed: int = Field(0, ge=0)
     output_dir: str = "runs"
+    # Imported before the rest is validated, so the names they register are valid below.
+    plugins: list[str] = Field(default_factory=list, description="modules or Python files (relative to the "
+                                                                  "config file's folder) that register methods, "
+                                                                  "models, datasets or codecs")
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
@@ -296,6 +300,8 @@ def comparable_config(cfg: RunConfig | dict[str, Any]) -> dict[str, Any]:
     d.pop("name", None)
     if isinstance(d.get("data"), dict):
         d["data"].pop("root", None)
+    if not d.get("plugins"):
+        d.pop("plugins", None)  # as a checkpoint written before configs had plugins has it
     return d
 
 
@@ -390,15 +396,36 @@ def load_raw(path: str | Path | None) -> dict[str, Any]:
 
 
 def validate(raw: dict[str, Any]) -> RunConfig:
+    _load_plugins(raw)
     try:
         cfg = RunConfig.model_validate(raw)
     except ValidationError as e:
         raise ConfigError(format_validation_error(e)) from None
-    _validate_plugins(cfg)
+    _validate_names(cfg)
     return cfg
 
 
-def _validate_plugins(cfg: RunConfig) -> None:
+def _load_plugins(raw: dict[str, Any]) -> None:
+    """Import the plugins ``raw`` names (a malformed list is left to validation to report)."""
+    specs = raw.get("plugins")
+    if isinstance(specs, list) and all(isinstance(s, str) for s in specs):
+        from fedslim import plugins
+
+        plugins.load_plugins(specs)
+
+
+def _resolve_plugin_files(raw: dict[str, Any], base: Path) -> None:
+    """Plugin files named relative to ``base`` (the config file's folder) as absolute paths: the run
+    folder's config.yaml then says which file ran, wherever the run is resumed from."""
+    from fedslim.plugins import is_file_spec
+
+    specs = raw.get("plugins")
+    if isinstance(specs, list):
+        raw["plugins"] = [str((base / s).resolve()) if isinstance(s, str) and is_file_spec(s)
+                          and not Path(s).is_absolute() else s for s in specs]
+
+
+def _validate_names(cfg: RunConfig) -> None:
     """Names that live in registries, and the algorithm's own parameters."""
     from fedslim import plugins
     from fedslim.registry import UnknownNameError
@@ -464,17 +491,23 @@ def _seed_param_mapping(raw: dict[str, Any], assignment: str, params_model: type
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """A config file (None: the defaults) with ``--set`` overrides, validated. Plugin files are found
+    relative to the config file's folder (without a file, to the current folder)."""
     raw = load_raw(path)
     overrides = overrides or []
+    base = Path(path).resolve().parent if path is not None else Path.cwd()
     if overrides:
         # The algorithm whose defaults a nested --set joins: the one named once every override is applied.
         final = copy.deepcopy(raw)
         for ov in overrides:
             apply_override(final, ov)
+        _resolve_plugin_files(final, base)
+        _load_plugins(final)
         params_model = _algorithm_params_model(final)
         for ov in overrides:
             _seed_param_mapping(raw, ov, params_model)
             apply_override(raw, ov)
+    _resolve_plugin_files(raw, base)
     return validate(raw)
 
 

@@ -51,6 +51,17 @@ def test_ray_run_equals_serial_run(ray_cluster: object, serial_rows: list[dict],
 
 
 @pytest.mark.ray
+def test_a_plugin_files_procedure_runs_on_ray_workers(ray_cluster: object, serial_rows: list[dict], tmp_path: Path,
+                                                      lenet_backend_cfg: Callable[..., dict]) -> None:
+    # FedProx at mu 0 is FedAvg, through its own client procedure, which the workers only know by
+    # loading the config's plugin file themselves.
+    cfg = lenet_backend_cfg(tmp_path, "ray", "prox")
+    cfg |= {"plugins": [str(Path(__file__).resolve().parent.parent / "examples" / "plugins" / "fedprox.py")],
+            "algorithm": {"name": "fedprox", "params": {"mu": 0.0}}}
+    assert _run(cfg) == serial_rows
+
+
+@pytest.mark.ray
 def test_worker_killed_mid_round_is_retried(ray_cluster: object, serial_rows: list[dict], tmp_path: Path,
                                             monkeypatch: pytest.MonkeyPatch,
                                             lenet_backend_cfg: Callable[..., dict]) -> None:

@@ -91,9 +91,13 @@ def _store_from_payload(p: dict[str, Any], device: str) -> ClientStore:
 class RayWorker:
     """Body of one Ray actor: the client data, model buffers, and a loop-free ``run``."""
 
-    def __init__(self, payload: dict[str, Any], device: str, threads: int, malloc: bool = False):
+    def __init__(self, payload: dict[str, Any], device: str, threads: int, malloc: bool = False,
+                 plugin_specs: tuple[str, ...] = ()):
         torch.set_num_threads(threads)
-        from fedslim import plugins  # noqa: F401  (fills the registries in this process)
+        from fedslim import plugins
+
+        # The config's plugins too: the procedures they register reach this process by reference.
+        plugins.load_plugins(list(plugin_specs))
         from fedslim.engine.backends import ModelBuffers
         from fedslim.engine.host import tune_malloc, warm_up_optimizers
 
@@ -207,11 +211,12 @@ class RayBackend:
                                  "or a cluster started with GPUs")
             opts["num_gpus"] = 1 / workers
         self._actor_cls = ray.remote(**opts)(RayWorker)
+        self._plugin_specs = tuple(getattr(cfg, "plugins", None) or ())
         self._payload = ray.put(_store_payload(store))
         self._workers = [self._spawn() for _ in range(workers)]
 
     def _spawn(self) -> Any:
-        return self._actor_cls.remote(self._payload, self.device, self.threads, self.malloc)
+        return self._actor_cls.remote(self._payload, self.device, self.threads, self.malloc, self._plugin_specs)
 
     @property
     def num_workers(self) -> int:
