@@ -358,13 +358,24 @@ def paired_differences(groups: list[SeedGroup]) -> list[str]:
             if other is None:
                 continue
             diffs = [(mine[s][label]["acc"] - ref_acc[s][other]["acc"]) * 100 for s in common]
+            mean, sd = statistics.fmean(diffs), statistics.stdev(diffs)
+            low, high = _t_interval(mean, sd, len(diffs))
             a = g.name if label == "global" else f"{g.name}[{label}]"
             b = ref.name if other == "global" else f"{ref.name}[{other}]"
-            lines.append(f"{a} - {b}: {statistics.fmean(diffs):+.2f} ± {statistics.stdev(diffs):.2f} points of "
-                         f"final accuracy over seeds {','.join(map(str, common))} (per seed: "
+            lines.append(f"{a} - {b}: {mean:+.2f} ± {sd:.2f} points of final accuracy over seeds "
+                         f"{','.join(map(str, common))}, 95 % CI {low:+.2f} to {high:+.2f} (per seed: "
                          f"{', '.join(f'{d:+.2f}' for d in diffs)})")
-    return ["", "Paired by seed (the same split, devices and initial weights), mean ± sample std:", *lines] \
-        if lines else []
+    return ["", "Paired by seed (the same split, devices and initial weights), mean ± sample std, and the "
+                "95 % confidence interval of the mean (Student's t):", *lines] if lines else []
+
+
+def _t_interval(mean: float, sd: float, n: int) -> tuple[float, float]:
+    """The two-sided 95 % confidence interval of a mean of ``n`` paired differences (Student's t: few
+    seeds, so not the normal's 1.96)."""
+    from scipy.stats import t
+
+    half = float(t.ppf(0.975, n - 1)) * sd / n ** 0.5
+    return mean - half, mean + half
 
 
 def _pyplot() -> Any:

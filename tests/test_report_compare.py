@@ -131,6 +131,10 @@ def test_report_pairs_seed_groups_by_seed_where_the_draw_is_the_same(tmp_path: P
     mean, sd = (float(v) for v in line.split(": ")[1].split(" points")[0].split(" ± "))
     assert mean == pytest.approx(statistics.fmean(diffs), abs=0.006)
     assert sd == pytest.approx(statistics.stdev(diffs), abs=0.006)
+    low, high = (float(v) for v in line.split("95 % CI ")[1].split(" (")[0].split(" to "))
+    half = 12.7062 * statistics.stdev(diffs) / 2 ** 0.5  # Student's t, 1 degree of freedom, 97.5 %
+    assert (low, high) == (pytest.approx(statistics.fmean(diffs) - half, abs=0.006),
+                           pytest.approx(statistics.fmean(diffs) + half, abs=0.006))
     assert "long-seed* - tiny-seed*: not paired, they differ in federation " in out
 
 
