@@ -383,6 +383,9 @@ def test_extraction_respects_a_tiers_model_bytes(tmp_path: Path) -> None:
         hidden = [len(k) for k in a.arch["small"]]
         assert a.search_stats["small"]["hidden_channels"] == hidden
         assert len(pack_exact(small)) > limit * 0.9  # cut to the limit, not far below it
+        # The search itself trains the whole supernet on every tier: said, for the tier it overruns only.
+        over = [n for n in r.ctx.notes if "trains beyond its budget" in n]
+        assert len(over) == 1 and "tier 'small'" in over[0] and "devices.tiers.1.model_bytes" in over[0]
     finally:
         r.backend.close()
 

@@ -288,6 +288,20 @@ class DAC(HeteroFL):
         self.arch_plans: dict[str, IndexPlan] = {}
         self.search_stats: dict[str, Any] = {}
         self.arch_note: str | None = None
+        self.note_search_over_budget()
+
+    def note_search_over_budget(self) -> None:
+        """Say which tiers the search asks to train more than their budget holds: every search client
+        trains the whole gated supernet; a tier's model_bytes and memory_mb bind only its architecture."""
+        supernet = self._zeros(self.search_spec)
+        rounds = self.params.search_rounds
+        for i, t in enumerate(self.ctx.devices.tiers):
+            why = budget_shortfall(i, t, "the gated supernet every search client trains", self.search_spec,
+                                   supernet)
+            if why:
+                self.ctx.note(f"dac: in search round{'s' if rounds > 1 else ''} 1{f'-{rounds}' if rounds > 1 else ''}"
+                              f", tier {t.name!r} trains beyond its budget ({why}); the budget binds the "
+                              f"architecture it trains afterwards")
 
     # ------------------------------------------------------------------ budgets
     def check_budgets(self) -> None:
