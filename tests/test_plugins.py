@@ -122,3 +122,38 @@ def test_installed_packages_plugins_load_by_entry_point(tmp_path: Path, monkeypa
     with pytest.raises(ConfigError, match=r"the installed plugin 'broken' \(no_such_module_abc, .* "
                                           r"ModuleNotFoundError"):
         plugins.load_entry_point_plugins()
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_fedprox_term_reaches_every_weight_of_the_engines_lenet_buffer(channels_last: bool) -> None:
+    # The engine trains LeNet-5 on one flat tensor, its narrow convolutions stored padded (and channels-last
+    # on this CPU): the proximal term must still pull every weight, and no layout warning reach the user.
+    import warnings
+
+    from fedslim.config import OptimizerConfig
+    from fedslim.data.types import DatasetBundle, TensorData
+    from fedslim.engine.backends import ModelBuffers
+    from fedslim.engine.store import ClientStore
+    from fedslim.engine.task import ClientTask, LocalTrain, ModelSpec
+
+    plugins.load_plugin(str(FEDPROX))
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(256, 1, 28, 28, generator=g), torch.randint(0, 10, (256,), generator=g)
+    store = ClientStore(DatasetBundle("t", TensorData(x, y), TensorData(x[:4], y[:4]), 10, (1, 28, 28)),
+                        [torch.arange(256)])
+    spec = ModelSpec.make("lenet5", 10, (1, 28, 28))
+    torch.manual_seed(0)
+    state = spec.build().state_dict()
+    buffers = ModelBuffers("cpu", channels_last=channels_last)
+    norms = {}
+    for mu in (0.0, 50.0):
+        task = ClientTask(client=0, round=1, spec=spec, state=state, seed=1, kind="fedprox_train", extras={"mu": mu},
+                          train=LocalTrain(2, 32, OptimizerConfig(name="sgd", lr=0.01), 0.01))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            delta = CLIENT_PROCEDURES.get("fedprox_train")(task, store.get(0, "train"), buffers.get(spec)).delta
+        norms[mu] = {k: v.norm().item() for k, v in delta.items() if k.endswith("weight")}
+    assert set(norms[0.0]) == {"features.0.weight", "features.5.weight", "fc.0.weight", "fc.3.weight",
+                               "classifier.weight"}
+    for k, n in norms[50.0].items():
+        assert 0 < n < 0.5 * norms[0.0][k], k
