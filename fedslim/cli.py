@@ -36,7 +36,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from fedslim import plugins
+
+    for spec in args.plugin:
+        plugins.load_plugin(str(Path(spec).resolve()) if plugins.is_file_spec(spec) else spec, field="--plugin")
 
     groups = {"datasets": plugins.DATASETS, "partitioners": plugins.PARTITIONERS, "models": plugins.MODELS,
               "algorithms": plugins.ALGORITHMS, "codecs": plugins.CODECS, "backends": plugins.BACKENDS}
@@ -98,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     lst = sub.add_parser("list", help="list datasets, partitioners, models, algorithms, codecs, backends")
     lst.add_argument("what", nargs="?", choices=["datasets", "partitioners", "models", "algorithms", "codecs",
                                                  "backends"])
+    lst.add_argument("--plugin", action="append", default=[], metavar="MODULE_OR_FILE",
+                     help="import a plugin first (a module name, or a Python file relative to the current "
+                          "folder), so that what it registers is listed too (repeatable)")
     lst.set_defaults(func=_cmd_list)
 
     rep = sub.add_parser("report", help="compare runs: a table and accuracy plots")

@@ -73,8 +73,8 @@ def load_plugin(spec: str, field: str = "plugins") -> None:
         if name in sys.modules:
             return
         if not path.is_file():
-            raise PluginError(f"{field}: no plugin file {str(path)!r}; allowed: a Python file (relative to the "
-                              f"config file's folder) or an importable module name")
+            raise PluginError(f"{field}: no plugin file {str(path)!r}; allowed: an existing Python file (a "
+                              f"config's are found relative to its folder) or an importable module name")
         module_spec = importlib.util.spec_from_file_location(name, path)
         assert module_spec is not None and module_spec.loader is not None
         module = importlib.util.module_from_spec(module_spec)

@@ -78,7 +78,7 @@ def test_a_plugin_file_is_found_relative_to_its_config(tmp_path: Path, tiny_cfg:
 
 
 @pytest.mark.parametrize(("plugin", "match"), [
-    ("missing.py", r"^plugins\.0: no plugin file '.*missing\.py'; allowed: a Python file"),
+    ("missing.py", r"^plugins\.0: no plugin file '.*missing\.py'; allowed: an existing Python file"),
     ("no_such_module_xyz", r"^plugins\.0: importing the plugin module 'no_such_module_xyz' failed: "
                            r"ModuleNotFoundError"),
     ("broken.py", r"^plugins\.0: importing the plugin file '.*broken\.py' failed: ZeroDivisionError"),
@@ -157,3 +157,13 @@ def test_fedprox_term_reaches_every_weight_of_the_engines_lenet_buffer(channels_
                                "classifier.weight"}
     for k, n in norms[50.0].items():
         assert 0 < n < 0.5 * norms[0.0][k], k
+
+
+def test_list_shows_what_a_plugin_registers(tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch) -> None:
+    name = f"mlp_{uuid.uuid4().hex[:8]}"
+    (tmp_path / "mine.py").write_text(MODEL_PLUGIN.format(name=name))
+    monkeypatch.chdir(tmp_path)  # a file given to --plugin is relative to the current folder
+    assert main(["list", "models", "--plugin", "mine.py"]) == 0
+    assert f"  {name} " in capsys.readouterr().out
+    assert main(["list", "--plugin", "absent.py"]) == 2
+    assert "fedslim: config error: --plugin: no plugin file " in capsys.readouterr().err
