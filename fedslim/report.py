@@ -332,8 +332,9 @@ PAIRED_SECTIONS = ("data", "model", "devices", "federation")
 
 
 def paired_differences(groups: list[SeedGroup]) -> list[str]:
-    """Lines comparing every seed group with the first one, seed by seed: the same seed is the same split,
-    devices and initial weights, so the per-seed difference in final accuracy leaves that draw out.
+    """Lines comparing every seed group with the first one, seed by seed: one seed is one data split and
+    device population (and one start and cohort sequence where the methods build and sample alike), so
+    the per-seed difference in final accuracy leaves that draw out.
 
     A model compares with the first group's model of the same name (``global``, a level, a tier), or,
     when the first group has one model only, every model does (HeteroFL's levels against FedAvg)."""
@@ -365,8 +366,9 @@ def paired_differences(groups: list[SeedGroup]) -> list[str]:
             lines.append(f"{a} - {b}: {mean:+.2f} ± {sd:.2f} points of final accuracy over seeds "
                          f"{','.join(map(str, common))}, 95 % CI {low:+.2f} to {high:+.2f} (per seed: "
                          f"{', '.join(f'{d:+.2f}' for d in diffs)})")
-    return ["", "Paired by seed (the same split, devices and initial weights), mean ± sample std, and the "
-                "95 % confidence interval of the mean (Student's t):", *lines] if lines else []
+    return ["", "Paired by seed (one seed, one data split and device population; and one start and cohort "
+                "sequence where the methods build and sample alike), mean ± sample std, and the 95 % confidence "
+                "interval of the mean (Student's t):", *lines] if lines else []
 
 
 def _t_interval(mean: float, sd: float, n: int) -> tuple[float, float]:
