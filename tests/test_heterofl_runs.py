@@ -13,7 +13,8 @@ import torch
 from fedslim.algorithms.submodel import state_shapes
 from fedslim.codecs import pack_exact
 from fedslim.config import validate
-from fedslim.engine.run import Runner, _human
+from fedslim.engine.run import Runner
+from fedslim.tables import fmt_bytes
 
 
 def _cfg(tmp_path: Path, name: str, algo: str, params: dict, **over: dict) -> dict:
@@ -147,8 +148,8 @@ def test_printed_summary_lists_each_levels_sub_model_and_the_bn_query_traffic(tm
     text = buf.getvalue()
     q = s["bn_query"]
     assert q["bytes_down"] > s["bytes_down"]
-    assert (f"static BN query (not in the bytes above): 2 queries, down {_human(q['bytes_down'])}, "
-            f"up {_human(q['bytes_up'])}") in text
+    assert (f"static BN query (not in the bytes above): 2 queries, down {fmt_bytes(q['bytes_down'])}, "
+            f"up {fmt_bytes(q['bytes_up'])}") in text
     for x, n in zip("abe", [2, 2, 4], strict=True):
         line = next(ln for ln in text.splitlines() if ln.startswith(f"  {x} "))
-        assert _human(levels[x]["submodel_bytes"]) in line and line.endswith(f"clients {n}")
+        assert fmt_bytes(levels[x]["submodel_bytes"]) in line and line.endswith(f"clients {n}")

@@ -479,19 +479,19 @@ class HeteroFL(Algorithm):
     def describe_summary(self, s: dict[str, Any]) -> list[str]:
         """Lines the engine prints under the run's table: each level's sub-model and the BN query's
         traffic, which the table's bytes line (training traffic only) leaves out."""
-        from fedslim.engine.run import _human
+        from fedslim.tables import fmt_bytes
 
         lines = [f"levels (sub-model = what one client is sent, before any downlink codec; clients "
                  f"{'of' if self._fixed_assignment() else 'in round 1 of'} {self.ctx.num_clients}):"]
         for label, lv in s.get("levels", {}).items():
             rate = "" if lv.get("rate") is None else f"rate {lv['rate']:<8g} "
-            lines.append(f"  {label:<8} {rate}sub-model {_human(lv['submodel_bytes']):>10}  "
+            lines.append(f"  {label:<8} {rate}sub-model {fmt_bytes(lv['submodel_bytes']):>10}  "
                          f"clients {lv['clients_round1']}")
         q = s.get("bn_query") or {}
         if q.get("queries"):
             lines.append(f"static BN query (not in the bytes above): {q['queries']} "
-                         f"quer{'y' if q['queries'] == 1 else 'ies'}, down {_human(q['bytes_down'])}, "
-                         f"up {_human(q['bytes_up'])}")
+                         f"quer{'y' if q['queries'] == 1 else 'ies'}, down {fmt_bytes(q['bytes_down'])}, "
+                         f"up {fmt_bytes(q['bytes_up'])}")
         return lines
 
     # ------------------------------------------------------------------ checkpoint

@@ -39,6 +39,7 @@ from fedslim.results import (
     write_jsonl,
 )
 from fedslim.rng import np_gen, torch_gen
+from fedslim.tables import fmt_bytes
 
 CHECKPOINT_VERSION = 1
 
@@ -630,7 +631,7 @@ class Runner:
             return
         accs = {k: f"{v['acc'] * 100:.2f}" for k, v in row["eval"].items() if "acc" in v}
         bar.set_postfix(acc=",".join(f"{k}={v}" for k, v in accs.items()) if len(accs) > 1
-                        else next(iter(accs.values()), "-"), up=_human(row["cum_bytes_up"]))
+                        else next(iter(accs.values()), "-"), up=fmt_bytes(row["cum_bytes_up"]))
 
     def _print_table(self, s: dict[str, Any]) -> None:
         rounds = f"{s['rounds']} round{'s' if s['rounds'] != 1 else ''}"
@@ -652,15 +653,15 @@ class Runner:
                 # Every client's local split can be empty (one-sample clients): {"n": 0}, no accuracy.
                 acc = f"{m['acc'] * 100:7.2f}" if "acc" in m else f"{'-':>7}"
                 lines.append(f"local/{tier:<4} {acc}  (clients' own test splits, n={m.get('n', 0)})")
-        lines.append(f"bytes up {_human(s['bytes_up'])}, down {_human(s['bytes_down'])}, "
+        lines.append(f"bytes up {fmt_bytes(s['bytes_up'])}, down {fmt_bytes(s['bytes_down'])}, "
                      f"simulated time {s['sim_time_s']:.1f} s")
         for side in ("up", "down"):
             c = s.get(f"codec_{side}")
             if c and c["codec"] != "exact":
                 sparsity = "" if c["measured_sparsity"] is None else (
                     f", measured sparsity {c['measured_sparsity'] * 100:.2f} %")
-                lines.append(f"{side}link codec {c['codec']}: {c['payloads']} payloads, {_human(c['bytes'])} "
-                             f"vs {_human(c['float32_bytes'])} float32 ({c['ratio_vs_float32']:.2f}x smaller)"
+                lines.append(f"{side}link codec {c['codec']}: {c['payloads']} payloads, {fmt_bytes(c['bytes'])} "
+                             f"vs {fmt_bytes(c['float32_bytes'])} float32 ({c['ratio_vs_float32']:.2f}x smaller)"
                              f"{sparsity}, rounding zeros {c['rounding_zeros']:,}")
         describe = getattr(self.algo, "describe_summary", None)
         if callable(describe):
@@ -691,14 +692,6 @@ def _rounds(rs: list[Any]) -> str:
         out.append(str(rs[i]) if i == j else f"{rs[i]}-{rs[j]}")
         i = j + 1
     return ", ".join(out)
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1000:
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1000
-    return f"{n:.1f} TB"
 
 
 def run_config(cfg: RunConfig, **kw: Any) -> dict[str, Any]:
