@@ -263,19 +263,20 @@ def test_resumed_join_run_matches_uninterrupted(tiny_cfg: dict, kill_run: Callab
 
 
 def test_report_shows_the_deployment_beside_training_downlink(plain_run: tuple[dict, Path], tmp_path: Path) -> None:
-    from fedslim.report import _fmt_bytes, report
+    from fedslim.report import report
+    from fedslim.tables import fmt_bytes
 
     summary, run = plain_run
     d = summary["deployment"]
     assert d["bytes_down"] > 0
     text = report([str(run)], str(tmp_path / "rep"))
     line = next(ln for ln in text.splitlines() if ln.startswith(f"{run.name}: plus"))
-    assert f"plus {_fmt_bytes(d['bytes_down'])} deployed once" in line
+    assert f"plus {fmt_bytes(d['bytes_down'])} deployed once" in line
     assert f"({d['served']} devices served, {d['unserved']} unserved)" in line
     rows = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
     # the table's 'down' stays the training rounds' bytes
     row = next(ln for ln in text.splitlines() if ln.startswith(run.name + " "))
-    assert _fmt_bytes(rows[-1]["cum_bytes_down"]) in row
+    assert fmt_bytes(rows[-1]["cum_bytes_down"]) in row
 
 
 def test_printed_local_rows_say_which_model_each_scores(tiny_cfg: dict) -> None:
