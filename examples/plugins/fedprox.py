@@ -21,7 +21,7 @@ from torch import nn
 
 from fedslim.algorithms.fedavg import FedAvg
 from fedslim.data.types import TensorData
-from fedslim.engine.client import load_state, train_model
+from fedslim.engine.client import train_delta
 from fedslim.engine.task import ClientResult, ClientTask
 from fedslim.registry import ALGORITHMS, CLIENT_PROCEDURES
 
@@ -34,11 +34,10 @@ class FedProxParams(BaseModel):
 
 @CLIENT_PROCEDURES.register("fedprox_train", "local training with FedProx's proximal term; returns the delta")
 def fedprox_train(task: ClientTask, data: TensorData, model: nn.Module) -> ClientResult:
-    dev = next(model.parameters()).device
-    start = {k: v.to(dev) for k, v in task.state.items()}
-    load_state(model, start)
     mu = float(task.extras["mu"])
-    params = [(p, start[k]) for k, p in model.named_parameters() if p.requires_grad]
+    dev = next(model.parameters()).device
+    # The buffer's parameters stay the same tensors when the start weights are loaded into them.
+    params = [(p, task.state[k].to(dev)) for k, p in model.named_parameters() if p.requires_grad]
 
     def proximal() -> torch.Tensor:
         return 0.5 * mu * sum(((p - p0) ** 2).sum() for p, p0 in params)  # type: ignore[return-value]
@@ -47,10 +46,7 @@ def fedprox_train(task: ClientTask, data: TensorData, model: nn.Module) -> Clien
         # A narrow convolution's weight is a view of a padded tensor the engine trains (fedslim.engine.flat);
         # torch adds the proximal term's gradient to that view correctly, but warns that it is not dense.
         warnings.filterwarnings("ignore", message="grad and param do not obey the gradient layout contract")
-        steps, loss, seen = train_model(model, task, data, penalty=proximal if mu > 0 else None)
-    new = {k: v.detach() for k, v in model.state_dict().items()}
-    delta = {k: (new[k] - start[k]).contiguous().cpu() for k in start}
-    return ClientResult(task.client, task.round, delta, len(data), steps, loss, {"samples_processed": seen})
+        return train_delta(task, data, model, penalty=proximal if mu > 0 else None)
 
 
 @ALGORITHMS.register("fedprox", "FedProx (Li et al. 2020): FedAvg with a proximal term in local training "

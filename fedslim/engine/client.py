@@ -212,16 +212,24 @@ def _forward(model: nn.Module, xb: torch.Tensor, task: ClientTask, n: int) -> to
                          f"more, or a model without BatchNorm") from None
 
 
-@CLIENT_PROCEDURES.register("train", "local training; returns the weight delta")
-def train_procedure(task: ClientTask, data: TensorData, model: nn.Module) -> ClientResult:
+def train_delta(task: ClientTask, data: TensorData, model: nn.Module, *,
+                penalty: Callable[[], torch.Tensor] | None = None,
+                after_step: Callable[[], None] | None = None) -> ClientResult:
+    """Load the task's start weights into ``model``, train it (with :func:`train_model`'s hooks) and
+    return the weight delta: the ``train`` procedure, and the body of a procedure that adds a term."""
     dev = next(model.parameters()).device
     start = {k: v.to(dev) for k, v in task.state.items()}
     load_state(model, start)
-    steps, loss, seen = train_model(model, task, data)
+    steps, loss, seen = train_model(model, task, data, penalty=penalty, after_step=after_step)
     new = {k: v.detach() for k, v in model.state_dict().items()}
     # contiguous: a channels-last buffer's weights would otherwise give channels-last deltas.
     delta = {k: (new[k] - start[k]).contiguous().cpu() for k in start}
     return ClientResult(task.client, task.round, delta, len(data), steps, loss, {"samples_processed": seen})
+
+
+@CLIENT_PROCEDURES.register("train", "local training; returns the weight delta")
+def train_procedure(task: ClientTask, data: TensorData, model: nn.Module) -> ClientResult:
+    return train_delta(task, data, model)
 
 
 @CLIENT_PROCEDURES.register("evaluate", "metrics of the received model on the client's local split")
